@@ -1,0 +1,224 @@
+"""Attention blocks of UltraLightUNet (§3.2–3.4): CMFA (channel + spatial attention), MKIRA, GAG."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.utils import get_act_layer
+from torch import nn
+
+from .multikernel import MKIR
+
+__all__ = [
+    "ChannelAttention",
+    "SpatialAttention",
+    "CMFA",
+    "MKIRA",
+    "GAG",
+    "GroupedAttentionGate",
+    "AttentionGate",
+    "ConvolutionalMultiFocalAttention",
+    "MultiKernelInvertedResidualAttention",
+]
+
+
+class ChannelAttention(nn.Module):
+    """Channel attention, Eq. 3: ``σ(PWC_2(ReLU(PWC_1(AMP(x)))) + PWC_2(ReLU(PWC_1(AAP(x))))) ⊗ x``.
+
+    Global max and average pooling share one bias-free two-layer 1×1-conv MLP
+    ``C -> C // r -> C``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: input = output channels.
+        reduction: reduction ratio ``r`` (16 in the paper). When ``channels < r`` the ratio falls back
+            to ``channels`` (hidden width 1), as in the released code.
+        act: activation between the two convolutions. Defaults to ReLU.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, reduction: int = 16, act: str | tuple = "relu") -> None:
+        super().__init__()
+        r = reduction if channels >= reduction else channels
+        hidden = max(channels // r, 1)
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.avg_pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        self.max_pool = Pool[Pool.ADAPTIVEMAX, spatial_dims](1)
+        self.fc1 = conv(channels, hidden, kernel_size=1, bias=False)
+        self.act = get_act_layer(act)
+        self.fc2 = conv(hidden, channels, kernel_size=1, bias=False)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights ``(B, C, 1, ...)`` of Eq. 3, before the product with ``x``."""
+        avg = self.fc2(self.act(self.fc1(self.avg_pool(x))))
+        mx = self.fc2(self.act(self.fc1(self.max_pool(x))))
+        return torch.sigmoid(avg + mx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights(x) * x
+
+
+class SpatialAttention(nn.Module):
+    """Spatial attention, Eq. 4: ``σ(LKC([Channel_max(x), Channel_avg(x)])) ⊗ x``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        kernel_size: the large kernel of ``LKC`` (bias-free, 2 -> 1 channels). Defaults to 7.
+    """
+
+    def __init__(self, spatial_dims: int, kernel_size: int = 7) -> None:
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"SpatialAttention: kernel_size must be odd, got {kernel_size}.")
+        self.conv = Conv[Conv.CONV, spatial_dims](2, 1, kernel_size=kernel_size, padding=kernel_size // 2, bias=False)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention map ``(B, 1, *S)`` of Eq. 4."""
+        desc = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(desc))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights(x) * x
+
+
+class CMFA(nn.Module):
+    """Convolutional multi-focal attention (§3.2, Fig. 2f): channel attention, then spatial attention.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: input = output channels.
+        reduction: channel-attention reduction ratio. Defaults to 16.
+        spatial_kernel: spatial-attention kernel. Defaults to 7.
+        act: channel-attention hidden activation. Defaults to ReLU.
+        spatial_attention: an existing :class:`SpatialAttention` to use instead of a new one. The
+            released code shares one spatial-attention conv across all decoder stages.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        channels: int,
+        reduction: int = 16,
+        spatial_kernel: int = 7,
+        act: str | tuple = "relu",
+        spatial_attention: SpatialAttention | None = None,
+    ) -> None:
+        super().__init__()
+        self.channel = ChannelAttention(spatial_dims, channels, reduction, act)
+        self.spatial = spatial_attention if spatial_attention is not None else SpatialAttention(spatial_dims, spatial_kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))
+
+
+class MKIRA(nn.Module):
+    """Multi-kernel inverted residual attention, Eq. 5: ``MKIRA(x) = MKIR(CMFA(x))``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels (attention runs at this width).
+        out_channels: output channels.
+        reduction: channel-attention reduction ratio. Defaults to 16.
+        spatial_kernel: spatial-attention kernel. Defaults to 7.
+        spatial_attention: shared :class:`SpatialAttention`, see :class:`CMFA`.
+        block: the MKIR (or IRB) after the attention; built from ``block_kwargs`` when None.
+        **block_kwargs: arguments of :class:`MKIR` (kernels, expansion, norm, act, ...).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        reduction: int = 16,
+        spatial_kernel: int = 7,
+        spatial_attention: SpatialAttention | None = None,
+        block: nn.Module | None = None,
+        **block_kwargs,
+    ) -> None:
+        super().__init__()
+        self.cmfa = CMFA(spatial_dims, in_channels, reduction, spatial_kernel, spatial_attention=spatial_attention)
+        self.mkir = block if block is not None else MKIR(spatial_dims, in_channels, out_channels, **block_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mkir(self.cmfa(x))
+
+
+class GAG(nn.Module):
+    """Grouped attention gate, Eq. 6: ``x ⊗ σ(BN(Conv(ReLU(BN(GC_g(g)) + BN(GC_x(x))))))``.
+
+    ``g`` is the gating signal (upsampled decoder features), ``x`` the skip features it gates.
+
+    Args:
+        spatial_dims: 2 or 3.
+        gate_channels: channels of ``g`` (F_g).
+        skip_channels: channels of ``x`` (F_l).
+        inter_channels: F_int. Defaults to ``skip_channels // 2`` (released code).
+        kernel_size: kernel of both grouped convolutions. Defaults to 3 (paper, §3.4).
+        groups: groups of both grouped convolutions. Defaults to ``gcd(gate_channels, skip_channels,
+            inter_channels)``, which is ``C/2`` for the network's even widths (released code: every
+            group maps 2 channels to 1).
+        norm: normalisation. Defaults to batch.
+        act: activation after the sum. Defaults to ReLU.
+
+    Note:
+        With ``kernel_size=1, groups=1`` this is Oktay et al.'s attention gate (Attention U-Net),
+        the baseline of paper Table 8 — see :class:`AttentionGate`; it then computes the same
+        function as ``monai.networks.nets.attentionunet.AttentionBlock``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        gate_channels: int,
+        skip_channels: int,
+        inter_channels: int | None = None,
+        kernel_size: int = 3,
+        groups: int | None = None,
+        norm: str | tuple = "batch",
+        act: str | tuple = "relu",
+    ) -> None:
+        super().__init__()
+        inter = inter_channels if inter_channels is not None else max(skip_channels // 2, 1)
+        if groups is None:
+            groups = math.gcd(math.gcd(gate_channels, skip_channels), inter)
+        if gate_channels % groups or skip_channels % groups or inter % groups:
+            raise ValueError(
+                f"GAG: groups={groups} must divide gate_channels={gate_channels}, "
+                f"skip_channels={skip_channels} and inter_channels={inter}."
+            )
+        self.gate_conv = Convolution(
+            spatial_dims, gate_channels, inter, kernel_size=kernel_size, groups=groups, bias=True, norm=norm, act=None
+        )
+        self.skip_conv = Convolution(
+            spatial_dims, skip_channels, inter, kernel_size=kernel_size, groups=groups, bias=True, norm=norm, act=None
+        )
+        self.act = get_act_layer(act)
+        self.psi = Convolution(spatial_dims, inter, 1, kernel_size=1, bias=True, norm=norm, act="sigmoid")
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x * self.psi(self.act(self.gate_conv(g) + self.skip_conv(x)))
+
+
+class AttentionGate(GAG):
+    """Oktay et al.'s attention gate (AG), the Table 8 baseline: a :class:`GAG` with 1×1, ungrouped convs."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        gate_channels: int,
+        skip_channels: int,
+        inter_channels: int | None = None,
+        norm: str | tuple = "batch",
+        act: str | tuple = "relu",
+    ) -> None:
+        super().__init__(spatial_dims, gate_channels, skip_channels, inter_channels, 1, 1, norm, act)
+
+
+GroupedAttentionGate = GAG
+ConvolutionalMultiFocalAttention = CMFA
+MultiKernelInvertedResidualAttention = MKIRA
+
