@@ -21,17 +21,20 @@ def as_tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
 
 
 def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, network: str) -> None:
-    """Raise a ``ValueError`` naming what was expected when ``x`` is not ``(B, in_channels, *spatial)``."""
+    """Raise a ``ValueError`` naming what was expected when ``x`` is not ``(B, in_channels, *spatial)``.
+
+    Written in the TorchScript subset so that scripted networks keep the check.
+    """
     if x.dim() != spatial_dims + 2:
         axes = "H, W" if spatial_dims == 2 else "D, H, W"
         raise ValueError(
-            f"{network}: expected a {spatial_dims + 2}-D input (B, C, {axes}) for spatial_dims={spatial_dims}, "
-            f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}."
+            network + ": expected a " + str(spatial_dims + 2) + "-D input (B, C, " + axes + ") for spatial_dims="
+            + str(spatial_dims) + ", got a " + str(x.dim()) + "-D tensor of shape " + str(list(x.shape)) + "."
         )
-    if x.shape[1] != in_channels:
+    if int(x.shape[1]) != in_channels:
         raise ValueError(
-            f"{network}: expected {in_channels} input channel(s) (dimension 1), got {x.shape[1]} "
-            f"in a tensor of shape {tuple(x.shape)}."
+            network + ": expected " + str(in_channels) + " input channel(s) (dimension 1), got "
+            + str(int(x.shape[1])) + " in a tensor of shape " + str(list(x.shape)) + "."
         )
 
 

@@ -31,6 +31,13 @@ class UpProj(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode=self.mode, align_corners=True))
 
 
+class SkipAdd(nn.Module):
+    """Plain additive skip merge ``D + E``: the "without LSG" ablation."""
+
+    def forward(self, d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return d + e
+
+
 class AULUNet(nn.Module):
     """AULUNet in 2D or 3D: six levels with AKF in every stage, RGF at the bottleneck, LSG on every skip.
 
@@ -61,6 +68,9 @@ class AULUNet(nn.Module):
         net = AULUNet(3, in_channels=1, out_channels=8, norm="instance")
     """
 
+    #: how the paper counted its "#FLOPs" (see :func:`ul3d.profiling.paper_macs`)
+    paper_flops_convention = "thop"
+
     def __init__(
         self,
         spatial_dims: int,
@@ -81,6 +91,7 @@ class AULUNet(nn.Module):
         if len(channels) < 2:
             raise ValueError(f"AULUNet: channels needs at least 2 level widths, got {channels}.")
         self.spatial_dims = spatial_dims
+        self._name = f"{type(self).__name__}({spatial_dims}D)"
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.channels = channels
@@ -101,13 +112,13 @@ class AULUNet(nn.Module):
         self.bottleneck = RGF(spatial_dims, channels[-1]) if use_rgf else nn.Identity()
         self.up = nn.ModuleList(UpProj(spatial_dims, cin, cout, norm) for cin, cout in zip(channels[:0:-1], channels[-2::-1]))
         self.skip_gates = nn.ModuleList(
-            LSG(spatial_dims, c, c, norm=norm) if use_lsg else nn.Identity() for c in channels[-2::-1]
+            LSG(spatial_dims, c, c, norm=norm) if use_lsg else SkipAdd() for c in channels[-2::-1]
         )
         self.decoder = nn.ModuleList(akf(c) for c in channels[-2::-1])
         self.head = Conv[Conv.CONV, spatial_dims](channels[0], out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.spatial_dims, self.in_channels, type(self).__name__)
+        check_input(x, self.spatial_dims, self.in_channels, self._name)
         x = self.stem(x)
         skips = [x]
         for stage in self.encoder:
@@ -117,6 +128,6 @@ class AULUNet(nn.Module):
         for i, (up, gate, stage) in enumerate(zip(self.up, self.skip_gates, self.decoder)):
             e = skips[-2 - i]
             d = up(x, list(e.shape[2:]))
-            x = stage(gate(d, e) if isinstance(gate, LSG) else d + e)
+            x = stage(gate(d, e))
         out = self.head(x)
         return torch.sigmoid(out) if self.sigmoid else out

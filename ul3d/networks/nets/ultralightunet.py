@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,9 @@ class UltraLightUNet(nn.Module):
         net = UltraLightUNet(3, 2, 3, channels=ULTRALIGHTUNET_VARIANTS["M"], norm="instance")
     """
 
+    #: how the paper counted its "#FLOPs" (see :func:`ul3d.profiling.paper_macs`)
+    paper_flops_convention = "ptflops"
+
     def __init__(
         self,
         spatial_dims: int,
@@ -176,10 +180,12 @@ class UltraLightUNet(nn.Module):
             raise ValueError(f"UltraLightUNet: init must be 'normal' or 'default', got {init!r}.")
 
         self.spatial_dims = spatial_dims
+        self._name = f"{type(self).__name__}({spatial_dims}D)"
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.channels = channels
         self.deep_supervision = deep_supervision
+        self._mode = interpolate_mode(spatial_dims)
 
         def make_block(cin: int, cout: int) -> nn.Module:
             common = dict(expansion=expansion, norm=norm, act=act, shortcut=shortcut)
@@ -226,26 +232,31 @@ class UltraLightUNet(nn.Module):
             conv(dec_out[i], out_channels, kernel_size=1) for i in range(n - 1 - deep_supr_num, n - 1)
         ) if deep_supervision else nn.ModuleList()
 
-    def forward(self, x: torch.Tensor):
-        check_input(x, self.spatial_dims, self.in_channels, type(self).__name__)
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+        check_input(x, self.spatial_dims, self.in_channels, self._name)
         size = list(x.shape[2:])
         skips: list[torch.Tensor] = []
         for stage in self.encoder:
             x = self.pool(stage(x))
             skips.append(x)
         n = len(self.decoder)
-        aux_from = n - 1 - len(self.aux_heads)
-        aux: list[torch.Tensor] = []
+        supervise = self.deep_supervision and self.training
+        features: list[torch.Tensor] = []
         for i, stage in enumerate(self.decoder):
             if i < n - 1:
                 skip = skips[n - 2 - i]
                 x = stage(x, list(skip.shape[2:]), skip)
             else:
                 x = stage(x, size, None)
-            if self.deep_supervision and self.training and aux_from <= i < n - 1:
-                aux.append(self.aux_heads[i - aux_from](x))
+            if supervise:
+                features.append(x)
         out = self.head(x)
-        if self.deep_supervision and self.training:
-            mode = interpolate_mode(self.spatial_dims)
-            return [out] + [F.interpolate(a, size=size, mode=mode, align_corners=False) for a in aux[::-1]]
-        return out
+        if not supervise:
+            return out
+        # auxiliary heads read the outputs of the decoder stages just before the last one
+        first = n - 1 - len(self.aux_heads)
+        outputs = [out]
+        for j, aux_head in enumerate(self.aux_heads):
+            aux = F.interpolate(aux_head(features[first + j]), size=size, mode=self._mode, align_corners=False)
+            outputs.insert(1, aux)  # highest resolution first, as MONAI's DynUNet orders them
+        return outputs
