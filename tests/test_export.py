@@ -49,3 +49,18 @@ def test_onnx_opset_floor(tmp_path):
     with pytest.raises(ValueError, match="opset"):
         export_onnx(net, torch.zeros(1, 1, 32, 32), tmp_path / "x.onnx", opset=13)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_monai_tools_accept_the_networks():
+    """MONAI's TorchScript converter (used by ckpt_export) and sliding-window inference on an odd volume."""
+    from monai.inferers import sliding_window_inference
+    from monai.networks.utils import convert_to_torchscript
+
+    net = get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    ts = convert_to_torchscript(net, verify=True, inputs=[x], device="cpu", rtol=1e-4, atol=1e-4)
+    assert isinstance(ts, torch.jit.ScriptModule)
+    vol = torch.randn(1, 1, 45, 70, 38)
+    with torch.no_grad():
+        out = sliding_window_inference(vol, (32, 32, 32), 2, net, overlap=0.25, mode="gaussian")
+    assert out.shape == (1, 3, 45, 70, 38) and torch.isfinite(out).all()
