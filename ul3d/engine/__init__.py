@@ -1,0 +1,1 @@
+"""Engine layer: training, inference and evaluation built on MONAI's engines, inferers and metrics."""
