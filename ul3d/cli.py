@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,131 @@ def _run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a network on a dataset (MSD, FeTA, BTCV, nnU-Net raw, datalist)",
+                       description="Train with MONAI transforms, DiceCELoss and sliding-window validation.")
+    p.add_argument("--config", required=True, help="YAML config (a path, or a name in configs/: prostate, feta, btcv, nnunet)")
+    p.add_argument("--data", required=True, help="dataset folder or datalist (.json/.csv)")
+    p.add_argument("--output", default=None, help="output folder (default runs/<config name>)")
+    p.add_argument("--network", default=None, metavar="NAME[:VARIANT]", help="e.g. ultralightunet:M, aulunet, unet")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. train.iterations=1000 data.spacing=[1,1,2]")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/last.pt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.set_defaults(func=_run_train)
+
+
+def _config_from_args(args: argparse.Namespace) -> dict:
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.network:
+        name, _, variant = args.network.partition(":")
+        overrides += [f"network.name={name}"] + ([f"network.variant={variant}"] if variant else [])
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"train.seed={args.seed}")
+    return load_config(args.config, overrides)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine.train import train
+
+    config = _config_from_args(args)
+    output = args.output or str(Path("runs") / Path(args.config).stem)
+    result = train(config, args.data, output, resume=args.resume, device=args.device)
+    print(f"[ul3d train] done in {result.seconds:.0f}s: best val Dice {result.best_metric:.4f} at iteration "
+          f"{result.best_iteration}; checkpoints in {result.last_checkpoint.parent}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="sliding-window inference on NIfTI/NRRD/MHA files or folders",
+                       description="Write uint8 label maps with each input's shape, affine and orientation.")
+    p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint(s); several are ensembled")
+    p.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.add_argument("--overlap", type=float, default=None)
+    p.add_argument("--sw-batch-size", type=int, default=None)
+    p.add_argument("--tta", action="store_true", help="average over mirrored inputs")
+    p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities (float32, C channels)")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .engine.infer import Predictor, predict_paths
+
+    predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                          tta=args.tta)
+    print(f"[ul3d predict] {predictor.description}")
+    report = predict_paths(predictor, args.input, args.output, args.save_probabilities, progress=sys.stderr.isatty())
+    print(f"[ul3d predict] wrote {len(report.written)} prediction(s) to {args.output} in {report.seconds:.1f}s")
+    if report.failed:
+        print(f"[ul3d predict] {len(report.failed)} input(s) failed:", file=sys.stderr)
+        for f, why in report.failed.items():
+            print(f"  {f}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice, IoU and HD95 (mm) of predictions against references",
+                       description="Writes summary.json (nnU-Net keys) and metrics.csv, prints a table.")
+    p.add_argument("--pred", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--labels", type=int, nargs="+", default=None, help="label values (default: all in the references)")
+    p.add_argument("--output", default=None, help="folder for summary.json/metrics.csv (default: --pred)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .engine.evaluate import evaluate_folder
+
+    evaluate_folder(args.pred, args.ref, labels=args.labels, output_dir=args.output)
+    return 0
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a small synthetic dataset in a dataset's exact layout")
+    p.add_argument("--layout", required=True, choices=("msd-prostate", "feta", "btcv", "nnunet"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--cases", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from .data.synth import write_synthetic
+
+    root = write_synthetic(args.layout, args.out, n_cases=args.cases, seed=args.seed)
+    print(f"[ul3d synth] wrote a synthetic {args.layout} dataset to {root}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="train and evaluate UltraLightUNet3D on real anatomy (Colin27 T1 + AAL)",
+                       description="Left hemisphere for training, mirrored right hemisphere held out. CPU default: "
+                       "7 classes at 2 mm; --full: 54 classes at 1 mm (meant for a GPU).")
+    p.add_argument("--output", default="outputs/demo")
+    p.add_argument("--data-dir", default=None, help="folder with ch2bet.nii.gz, aal.nii.gz, aal.nii.txt "
+                   "(default /usr/share/mricron/templates from Debian's mricron-data)")
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--network", default=None, metavar="NAME[:VARIANT]", help="e.g. ultralightunet:S or unet (MONAI)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, args.data_dir, args.full, args.network, args.device, args.overrides)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -59,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ul3d {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_profile(sub)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    _add_synth(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -68,7 +199,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from .config import ConfigError
+    from .data.validation import DatasetError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, ConfigError, FileNotFoundError, ValueError) as e:
+        # one clear message, never a deep traceback, for bad input (UL3D_DEBUG=1 shows the traceback)
+        if os.environ.get("UL3D_DEBUG"):
+            raise
+        print(f"ul3d {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

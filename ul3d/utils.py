@@ -12,14 +12,19 @@ __all__ = ["atomic_path"]
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     Nothing half-written is ever left at ``path``: a reader sees the old file or the complete new one.
+
+    Args:
+        path: the final file.
+        suffix: appended to the temporary name (``.<name>.XXXX.tmp<suffix>``), for writers that choose the
+            file format from the extension (e.g. ``".nii.gz"``). Default: none.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .nets import AULUNET_VARIANTS, ULTRALIGHTUNET_VARIANTS, AULUNet, UltraLightUNet
 
-__all__ = ["get_network", "list_networks", "register_network", "parse_network_spec"]
+__all__ = ["build_network", "get_network", "list_networks", "register_network", "parse_network_spec"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,25 @@ def get_network(
             raise ValueError(f"Unknown variant {chosen!r} of {key!r}; available: {list(entry.variants)}.")
         kwargs["channels"] = entry.variants[lookup[chosen.lower()]]
     return entry.cls(spatial_dims, in_channels, out_channels, **kwargs)
+
+
+def build_network(
+    name: str,
+    variant: str | None = None,
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    roi_size=None,
+    **kwargs,
+) -> nn.Module:
+    """A ul3d network (:func:`get_network`) or one of MONAI's comparison networks
+    (:data:`ul3d.networks.peers.MONAI_PEERS`: ``unet``, ``segresnet``, ``swinunetr``, ``unetr``, ``dynunet``,
+    which need ``roi_size`` only for UNETR and take no extra arguments)."""
+    from .peers import MONAI_PEERS, get_peer
+
+    key = parse_network_spec(name)[0]
+    if key in _REGISTRY:
+        return get_network(name, variant, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    if key.removeprefix("monai.") in MONAI_PEERS:
+        return get_peer(key, spatial_dims, in_channels, out_channels, roi_size or (96,) * spatial_dims)
+    raise ValueError(f"Unknown network {name!r}; ul3d: {sorted(_REGISTRY)}, MONAI: {sorted(MONAI_PEERS)}.")

@@ -1,0 +1,180 @@
+"""Sliding-window inference on image files, writing label maps in each input's own geometry.
+
+The checkpoint carries the preprocessing config: each input is loaded, reoriented, resampled and
+normalised exactly as in training, predicted by sliding window (optionally with mirror TTA and an
+ensemble of checkpoints, whose softmax probabilities are averaged), then ``Invertd`` maps the
+probabilities back to the input's grid before the argmax. Outputs are uint8 label maps with the
+input's shape, affine and orientation, written atomically; probability maps on request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Invertd
+
+from ..config import get
+from ..data.io import IMAGE_SUFFIXES, case_id, image_suffix, write_like
+from ..data.transforms import preprocessing
+from .train import load_checkpoint, network_from_spec
+
+__all__ = ["Predictor", "PredictionReport", "predict_paths", "find_images"]
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named directly or found (non-recursively) in the given folders, sorted."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.is_file() and image_suffix(f) in IMAGE_SUFFIXES)
+        else:
+            files.append(p)
+    return files
+
+
+@dataclass
+class PredictionReport:
+    written: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class Predictor:
+    """One or several checkpoints (an ensemble) ready to predict files.
+
+    Args:
+        checkpoints: ul3d checkpoint paths; several are averaged (softmax) — fold ensembles.
+        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+        overlap, sw_batch_size, mode, roi_size: sliding-window settings; None = the checkpoint config's.
+        tta: average over all mirrorings of the spatial axes (8 passes in 3D).
+    """
+
+    def __init__(
+        self,
+        checkpoints: Sequence[str | os.PathLike],
+        device: str | None = None,
+        overlap: float | None = None,
+        sw_batch_size: int | None = None,
+        mode: str | None = None,
+        roi_size: Sequence[int] | None = None,
+        tta: bool = False,
+    ) -> None:
+        if not checkpoints:
+            raise ValueError("at least one checkpoint is needed")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        ckpts = [load_checkpoint(c) for c in checkpoints]
+        first = ckpts[0]
+        for path, c in zip(checkpoints[1:], ckpts[1:]):
+            if c["class_names"] != first["class_names"] or c["network_spec"]["in_channels"] != first["network_spec"]["in_channels"]:
+                raise ValueError(f"{path}: classes/channels differ from {checkpoints[0]}; cannot ensemble them")
+        self.config = first["config"]
+        self.class_names: list[str] = list(first["class_names"])
+        self.in_channels = int(first["network_spec"]["in_channels"])
+        self.networks = []
+        for path, c in zip(checkpoints, ckpts):
+            net = network_from_spec(c["network_spec"])
+            try:
+                net.load_state_dict(c["network"])
+            except RuntimeError as e:
+                raise ValueError(f"{path}: weights do not fit network {c['network_spec']['name']}: {str(e).splitlines()[0]}") from None
+            self.networks.append(net.to(self.device).eval())
+        cfg = self.config
+        self.inferer = SlidingWindowInferer(
+            roi_size=list(roi_size or get(cfg, "infer.roi_size") or get(cfg, "train.roi_size")),
+            sw_batch_size=int(sw_batch_size or get(cfg, "infer.sw_batch_size", 4)),
+            overlap=float(overlap if overlap is not None else get(cfg, "infer.overlap", 0.5)),
+            mode=mode or get(cfg, "infer.mode", "gaussian"),
+        )
+        self.tta = tta
+        self.preprocess = preprocessing(cfg, with_label=False)
+        self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False,
+                              to_tensor=True)
+
+    @property
+    def description(self) -> str:
+        spec = f"{len(self.networks)} checkpoint(s)"
+        return f"{spec} on {self.device.type}, sliding window {tuple(self.inferer.roi_size)}, " \
+               f"overlap {self.inferer.overlap}{', mirror TTA' if self.tta else ''}"
+
+    @torch.no_grad()
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities ``(C, *S)`` for a preprocessed image ``(channels, *S)``."""
+        x = image.unsqueeze(0).to(self.device)
+        dims = list(range(2, x.dim()))
+        flips = [()] + [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)] if self.tta else [()]
+        total = None
+        for net in self.networks:
+            for axes in flips:
+                xi = torch.flip(x, axes) if axes else x
+                p = torch.softmax(self.inferer(xi, net).float(), dim=1)
+                p = torch.flip(p, axes) if axes else p
+                total = p if total is None else total + p
+        return (total / (len(self.networks) * len(flips)))[0].cpu()
+
+    def predict_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (uint8) and probabilities (float32, ``(C, *S)``) on the input's own voxel grid."""
+        path = Path(path)
+        try:
+            data = self.preprocess({"image": str(path)})
+        except Exception as e:  # noqa: BLE001 - report any reader failure as "cannot read"
+            raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        image = data["image"]
+        if image.shape[0] != self.in_channels:
+            raise ValueError(f"{path}: expected {self.in_channels} channel(s), found {image.shape[0]} "
+                             f"(image shape {tuple(image.shape[1:])})")
+        if image.dim() != 4:
+            raise ValueError(f"{path}: expected a 3D volume, got an array of shape {tuple(image.shape)}")
+        probs = self.probabilities(image)
+        from monai.data import MetaTensor
+
+        data["pred"] = MetaTensor(probs, meta=image.meta, applied_operations=list(image.applied_operations))
+        restored = self.invert(data)["pred"]
+        probs_np = torch.as_tensor(restored).float().numpy()
+        return probs_np.argmax(0).astype(np.uint8), probs_np
+
+    def predict_to(self, path: Path, output_dir: Path, save_probabilities: bool = False) -> Path:
+        labels, probs = self.predict_file(path)
+        suffix = image_suffix(path)
+        out = output_dir / f"{case_id(path)}{suffix}"
+        write_like(labels, path, out, dtype=np.uint8)
+        if save_probabilities:
+            write_like(probs.astype(np.float32), path, output_dir / f"{case_id(path)}_probabilities{suffix}", dtype=np.float32)
+        return out
+
+
+def predict_paths(
+    predictor: Predictor,
+    inputs: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    save_probabilities: bool = False,
+    progress: bool = True,
+) -> PredictionReport:
+    """Predict every input file case by case; a failing file is reported and skipped."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    report = PredictionReport()
+    files = find_images(inputs)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tqdm(files, desc="ul3d predict", unit="case", disable=not progress):
+        try:
+            report.written.append(predictor.predict_to(f, out, save_probabilities))
+        except (ValueError, OSError, RuntimeError) as e:
+            report.failed[str(f)] = str(e)
+            tqdm.write(f"[ul3d predict] skipped {f}: {e}")
+    report.seconds = time.time() - t0
+    return report

@@ -1,0 +1,388 @@
+"""Training: MONAI's ``SupervisedTrainer``/``SupervisedEvaluator`` driven by a run config.
+
+Randomness of the data is a pure function of ``(seed, sample index)`` (:class:`IterationDataset`), so a
+run is reproducible for a seed, independent of the number of loader workers, and a resumed run sees
+exactly the batches the uninterrupted run would have seen. Every ``train.val_interval`` iterations the
+trainer validates by sliding window and writes ``last.pt`` (and ``best.pt`` when the mean Dice
+improves) atomically: model, optimizer, scheduler, grad scaler, iteration, RNG states, the config,
+class and channel names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import LrScheduleHandler, MeanDice, TensorBoardStatsHandler, ValidationHandler, from_engine
+from monai.inferers import SlidingWindowInferer
+from monai.losses import DiceCELoss
+from monai.transforms import AsDiscreted, Compose
+from monai.utils import set_determinism
+from torch.utils.data import Dataset, Sampler
+
+from .. import __version__
+from ..config import ConfigError, get
+from ..data.datasets import DatasetSpec, load_dataset
+from ..data.transforms import preprocessing, train_augmentation
+from ..data.validation import validate_dataset
+from ..networks import build_network
+from ..utils import atomic_path
+
+__all__ = ["IterationDataset", "TrainResult", "train", "split_cases", "load_checkpoint", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "ul3d-checkpoint/1"
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+class IterationDataset(Dataset):
+    """Sample ``i`` = (case, augmentation seed) fixed by ``(seed, i)``.
+
+    Cases are visited in a fresh random permutation every ``len(base)`` samples; the random transforms
+    are re-seeded per sample. ``base`` holds preprocessed (cached) volumes.
+    """
+
+    def __init__(self, base: Dataset, transform: Compose, seed: int, length: int) -> None:
+        self.base, self.transform, self.seed, self.length = base, transform, int(seed), int(length)
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def case_index(self, i: int) -> int:
+        n = len(self.base)
+        block = i // n
+        if self._perm_cache is None or self._perm_cache[0] != block:
+            self._perm_cache = (block, np.random.default_rng([self.seed, block]).permutation(n))
+        return int(self._perm_cache[1][i % n])
+
+    def __getitem__(self, i: int):
+        item = self.base[self.case_index(i)]
+        self.transform.set_random_state(seed=_sample_seed(self.seed, i))
+        return self.transform(item)
+
+
+class _RangeSampler(Sampler):
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    best_metric: float
+    best_iteration: int
+    iterations: int
+    seconds: float
+    class_names: list[str]
+    history: list[dict] = field(default_factory=list)
+
+
+def split_cases(spec: DatasetSpec, config: dict) -> tuple[list[dict], list[dict]]:
+    """Training and validation items: ``data.val_cases`` ids, else a seeded ``data.val_fraction`` split."""
+    items = list(spec.training)
+    ids = [it["id"] for it in items]
+    val_ids = list(get(config, "data.val_cases") or [])
+    if val_ids:
+        unknown = sorted(set(val_ids) - set(ids))
+        if unknown:
+            raise ConfigError(f"data.val_cases names cases not in {spec.root}: {unknown}")
+    else:
+        frac = float(get(config, "data.val_fraction", 0.2))
+        n_val = max(1, round(frac * len(items))) if frac > 0 and len(items) > 1 else 0
+        order = np.random.default_rng(int(get(config, "train.seed", 0))).permutation(len(items))
+        val_ids = [ids[i] for i in sorted(order[:n_val])]
+    train_items = [it for it in items if it["id"] not in set(val_ids)]
+    val_items = [it for it in items if it["id"] in set(val_ids)]
+    if not train_items:
+        raise ConfigError(f"no training cases left in {spec.root} after holding out {len(val_items)} for validation")
+    return train_items, val_items
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read a ul3d checkpoint, with one clear error when the file is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a ul3d checkpoint (expected a dict with format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: dict, total: int):
+    kind = get(config, "train.scheduler", "cosine")
+    warmup = int(get(config, "train.warmup", 0) or 0)
+
+    def factor(it: int) -> float:
+        if warmup and it < warmup:
+            return (it + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = (it - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    if kind not in ("cosine", "constant"):
+        raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got {kind!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _network_spec(config: dict, in_channels: int, out_channels: int) -> dict:
+    return {
+        "name": get(config, "network.name", "ultralightunet"),
+        "variant": get(config, "network.variant"),
+        "spatial_dims": 3,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "roi_size": list(get(config, "train.roi_size")),
+        "kwargs": dict(get(config, "network.kwargs") or {}),
+    }
+
+
+def network_from_spec(spec: dict) -> torch.nn.Module:
+    """Rebuild the network a checkpoint was trained with."""
+    return build_network(
+        spec["name"], spec.get("variant"), spatial_dims=spec["spatial_dims"], in_channels=spec["in_channels"],
+        out_channels=spec["out_channels"], roi_size=spec.get("roi_size"), **spec.get("kwargs", {}),
+    )
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def train(
+    config: dict,
+    data: str | Path,
+    output_dir: str | Path,
+    resume: bool = False,
+    device: str | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Train on the dataset at ``data`` (any layout :func:`ul3d.data.datasets.load_dataset` reads).
+
+    Args:
+        config: a run config (:func:`ul3d.config.load_config`).
+        data: dataset folder or datalist file.
+        output_dir: receives ``checkpoints/{last,best}.pt``, ``tensorboard/``, ``config.yaml``, ``history.json``.
+        resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
+        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+        quiet: no progress bar.
+    """
+    import yaml
+
+    t0 = time.time()
+    out = Path(output_dir)
+    ckpt_dir = out / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    protocol = get(config, "data.protocol")
+    spec = load_dataset(data, layout=get(config, "data.layout"), **({"protocol": protocol} if protocol else {}))
+    channels = get(config, "data.channels") or spec.num_channels
+    validate_dataset(spec, expected_channels=int(channels))
+    classes = list(spec.class_names)
+    train_items, val_items = split_cases(spec, config)
+
+    total = int(get(config, "train.iterations"))
+    interval = int(get(config, "train.val_interval"))
+    if total <= 0 or interval <= 0 or total % interval:
+        raise ConfigError(f"train.iterations ({total}) must be a positive multiple of train.val_interval ({interval})")
+    roi = [int(s) for s in get(config, "train.roi_size")]
+    seed = int(get(config, "train.seed", 0))
+    batch = int(get(config, "train.batch_size", 1))
+    set_determinism(seed)
+
+    net_spec = _network_spec(config, int(channels), len(classes))
+    network = network_from_spec(net_spec).to(dev)
+    opt_cfg = dict(get(config, "train.optimizer") or {})
+    optimizer = torch.optim.AdamW(network.parameters(), lr=float(opt_cfg.get("lr", 1e-3)),
+                                  weight_decay=float(opt_cfg.get("weight_decay", 1e-5)))
+    scheduler = _scheduler(optimizer, config, total)
+
+    ckpt = None
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        if ckpt["network_spec"] != net_spec:
+            raise ConfigError(f"{last_path}: trained with network {ckpt['network_spec']}, the config now asks for {net_spec}")
+        network.load_state_dict(ckpt["network"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    start = int(ckpt["iteration"]) if ckpt else 0
+    history: list[dict] = list(ckpt.get("history", [])) if ckpt else []
+    best = dict(ckpt["best"]) if ckpt else {"metric": -1.0, "iteration": 0}
+
+    workers = int(get(config, "data.num_workers", 0) or 0)
+    cache_rate = float(get(config, "data.cache_rate", 1.0))
+    label_map = spec.label_map
+    train_base = CacheDataset(train_items, preprocessing(config, label_map=label_map, pad_to=roi),
+                              cache_rate=cache_rate, num_workers=max(1, workers), progress=False)
+    train_ds = IterationDataset(train_base, train_augmentation(config), seed, total * batch)
+    train_loader = DataLoader(train_ds, batch_size=batch, sampler=_RangeSampler(start * batch, total * batch),
+                              num_workers=workers, persistent_workers=workers > 0)
+
+    use_amp = bool(get(config, "train.amp", True)) and dev.type == "cuda"
+    evaluator = None
+    if val_items:
+        val_ds = CacheDataset(val_items, preprocessing(config, label_map=label_map), cache_rate=cache_rate,
+                              num_workers=max(1, workers), progress=False)
+        k = len(classes)
+        evaluator = SupervisedEvaluator(
+            device=dev,
+            val_data_loader=DataLoader(val_ds, batch_size=1, num_workers=0),
+            network=network,
+            inferer=SlidingWindowInferer(
+                roi_size=get(config, "infer.roi_size") or roi, sw_batch_size=int(get(config, "infer.sw_batch_size", 4)),
+                overlap=float(get(config, "infer.overlap", 0.5)), mode=get(config, "infer.mode", "gaussian"),
+            ),
+            postprocessing=Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=k), AsDiscreted(keys="label", to_onehot=k)]),
+            key_val_metric={"val_mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+            additional_metrics={"val_class_dice": MeanDice(include_background=False, reduction="mean_batch",
+                                                           output_transform=from_engine(["pred", "label"]))},
+            amp=use_amp,
+        )
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start + 1 if start else None)
+    loss_cfg = dict(get(config, "train.loss") or {})
+    trainer = SupervisedTrainer(
+        device=dev,
+        max_epochs=total // interval,
+        epoch_length=interval,
+        train_data_loader=train_loader,
+        network=network,
+        optimizer=optimizer,
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=float(loss_cfg.get("lambda_dice", 1.0)),
+                                 lambda_ce=float(loss_cfg.get("lambda_ce", 1.0))),
+        amp=use_amp,
+        decollate=False,
+    )
+    LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
+    TensorBoardStatsHandler(summary_writer=writer, iteration_log=True, epoch_log=False, tag_name="train/loss",
+                            output_transform=lambda o: o["loss"].item()).attach(trainer)
+
+    from ignite.engine import Events
+
+    @trainer.on(Events.ITERATION_COMPLETED(every=10))
+    def _log_lr(engine):
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], engine.state.iteration)
+
+    if evaluator is not None:
+        ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _validate_and_checkpoint(engine):
+        it = engine.state.iteration
+        record = {"iteration": it, "loss": engine.state.output["loss"].item(), "seconds": round(time.time() - t0, 1)}
+        if evaluator is not None:
+            mean = float(evaluator.state.metrics["val_mean_dice"])
+            per_class = [float(v) for v in torch.as_tensor(evaluator.state.metrics["val_class_dice"]).flatten()]
+            record.update(val_mean_dice=mean, val_class_dice=dict(zip(classes[1:], per_class)))
+            writer.add_scalar("val/mean_dice", mean, it)
+            for name, v in zip(classes[1:], per_class):
+                writer.add_scalar(f"val/dice/{name}", v, it)
+            _tensorboard_overlay(writer, evaluator, len(classes), it)
+            engine.state.metrics["val_dice"] = mean
+            if mean > best["metric"]:
+                best.update(metric=mean, iteration=it)
+        history.append(record)
+        payload = {
+            "format": CHECKPOINT_FORMAT, "ul3d_version": __version__, "iteration": it,
+            "network": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": trainer.scaler_.state_dict() if use_amp else None, "trainer": engine.state_dict(),
+            "rng": _rng_state(), "config": config, "class_names": classes, "channel_names": list(spec.channel_names),
+            "network_spec": net_spec, "best": dict(best), "history": history,
+        }
+        if evaluator is not None and best["iteration"] == it:
+            with atomic_path(best_path) as tmp:
+                torch.save(payload, tmp)
+        with atomic_path(last_path) as tmp:
+            torch.save(payload, tmp)
+        with atomic_path(out / "history.json") as tmp:
+            tmp.write_text(json.dumps(history, indent=1))
+        msg = f"[ul3d train] iteration {it}/{total}  loss {record['loss']:.4f}"
+        if evaluator is not None:
+            msg += f"  val Dice {record['val_mean_dice']:.4f} (best {best['metric']:.4f} @ {best['iteration']})  " + " ".join(
+                f"{n}={v:.3f}" for n, v in record["val_class_dice"].items())
+        _log(msg + f"  [{record['seconds']:.0f}s]")
+
+    if not quiet and sys.stderr.isatty():
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"].item()}, metric_names=["val_dice"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt["trainer"])
+        if use_amp and ckpt.get("scaler"):
+            trainer.scaler_.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        _log(f"[ul3d train] resuming {last_path} at iteration {start}/{total}")
+    if start < total:
+        _log(f"[ul3d train] {len(train_items)} training / {len(val_items)} validation cases, classes {classes}, "
+             f"network {net_spec['name']}:{net_spec['variant']} on {dev}")
+        trainer.run()
+    writer.close()
+    return TrainResult(out, best_path if best_path.exists() else None, last_path, best["metric"], best["iteration"],
+                       total, time.time() - t0, classes, history)
+
+
+def _tensorboard_overlay(writer, evaluator, num_classes: int, step: int) -> None:
+    """Middle-slice overlay (image | reference | prediction) of the last validation case."""
+    from ..visualize import overlay
+
+    output = evaluator.state.output
+    batch = evaluator.state.batch
+    if not output or batch is None:
+        return
+    item = output[0] if isinstance(output, list) else output
+    first = batch[0] if isinstance(batch, list) else batch  # decollated (list) or batched (dict)
+    image = torch.as_tensor(first["image"])
+    image = (image[0] if image.dim() == 5 else image)[0].cpu().numpy()
+    ref = torch.as_tensor(item["label"]).argmax(0).cpu().numpy()
+    pred = torch.as_tensor(item["pred"]).argmax(0).cpu().numpy()
+    z = int(np.argmax((ref > 0).sum((0, 1)))) if ref.any() else image.shape[-1] // 2
+    tiles = [overlay(image[..., z], None, num_classes), overlay(image[..., z], ref[..., z], num_classes),
+             overlay(image[..., z], pred[..., z], num_classes)]
+    writer.add_image("val/overlay", np.concatenate(tiles, axis=1), step, dataformats="HWC")
