@@ -74,7 +74,7 @@ def _config_from_args(args: argparse.Namespace) -> dict:
     overrides = list(args.overrides)
     if args.network:
         name, _, variant = args.network.partition(":")
-        overrides += [f"network.name={name}"] + ([f"network.variant={variant}"] if variant else [])
+        overrides += [f"network.name={name}", f"network.variant={variant or 'null'}"]
     if getattr(args, "seed", None) is not None:
         overrides.append(f"train.seed={args.seed}")
     return load_config(args.config, overrides)

@@ -47,7 +47,7 @@ def run_demo(
     extra = list(overrides)
     if network:
         name, _, variant = network.partition(":")
-        extra = [f"network.name={name}"] + ([f"network.variant={variant}"] if variant else []) + extra
+        extra = [f"network.name={name}", f"network.variant={variant or 'null'}"] + extra
     config = load_config("demo_colin27_full" if full else "demo_colin27", extra)
     result = train(config, root, out / "run", device=device)
 
@@ -58,10 +58,7 @@ def run_demo(
     pred_dir = out / "prediction"
     t_pred = time.time()
     predictor = Predictor([result.last_checkpoint], device=device)
-    pred_file = predictor.predict_to(image_path, pred_dir)
-    # predict_to names the output after the image (…_0000); evaluation pairs it with the reference by case id
-    final = pred_dir / f"{HELD_OUT}.nii.gz"
-    os.replace(pred_file, final)
+    final = predictor.predict_to(image_path, pred_dir)  # named by case id, as the reference is
     predict_seconds = time.time() - t_pred
 
     classes = result.class_names
@@ -72,11 +69,14 @@ def run_demo(
     image = np.asarray(nib.load(str(image_path)).dataobj, dtype=np.float32)
     ref = np.asarray(nib.load(str(ref_dir / f"{HELD_OUT}.nii.gz")).dataobj)
     pred = np.asarray(nib.load(str(final)).dataobj)
-    orthogonal_figure(image, ref, pred, len(classes), out / "demo.png")
-
     net = config["network"]
+    net_name = f"{net['name']}:{net.get('variant')}" if net.get("variant") else net["name"]
+    orthogonal_figure(image, ref, pred, len(classes), out / "demo.png", class_names=classes,
+                      title=f"Colin27/AAL held-out (mirrored right) hemisphere - {net_name}, "
+                            f"{result.iterations} iterations, mean Dice {summary['foreground_mean']['Dice']:.3f}")
+
     report = {
-        "network": f"{net['name']}:{net.get('variant')}" if net.get("variant") else net["name"],
+        "network": net_name,
         "classes": len(classes) - 1,
         "iterations": result.iterations,
         "train_seconds": round(result.seconds, 1),

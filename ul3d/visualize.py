@@ -57,23 +57,50 @@ def orthogonal_figure(
     path: str | os.PathLike,
     centre: Sequence[int] | None = None,
     scale: int = 2,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> None:
     """Write a PNG: rows = axial, coronal, sagittal slices; columns = image, reference overlay, prediction overlay.
 
     ``image``, ``reference`` and ``prediction`` are 3D arrays on the same grid (first axis left-right,
     as RAS-oriented arrays are). ``centre`` defaults to the centre of mass of the reference foreground.
+    With ``class_names`` a colour legend is drawn; ``title`` goes on top.
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     if centre is None:
         fg = np.argwhere(reference > 0)
         centre = fg.mean(0).astype(int) if len(fg) else np.array(image.shape) // 2
-    rows = []
+    tiles = []
     for im, ref, pred in zip(_slices(image, centre), _slices(reference, centre), _slices(prediction, centre)):
-        tiles = [overlay(im, None, num_classes), overlay(im, ref, num_classes), overlay(im, pred, num_classes)]
-        rows.append(np.concatenate([np.pad(t, ((2, 2), (2, 2), (0, 0))) for t in tiles], axis=1))
-    width = max(r.shape[1] for r in rows)
-    canvas = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
-    img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+        tiles.append([overlay(im, None, num_classes), overlay(im, ref, num_classes), overlay(im, pred, num_classes)])
+    cell_h = max(t.shape[0] for row in tiles for t in row) + 8
+    cell_w = max(t.shape[1] for row in tiles for t in row) + 8
+
+    def in_cell(t: np.ndarray) -> np.ndarray:  # centre every tile in an equal cell so columns line up
+        top, left = (cell_h - t.shape[0]) // 2, (cell_w - t.shape[1]) // 2
+        return np.pad(t, ((top, cell_h - t.shape[0] - top), (left, cell_w - t.shape[1] - left), (0, 0)))
+
+    grid = np.concatenate([np.concatenate([in_cell(t) for t in row], axis=1) for row in tiles], axis=0)
+    grid_img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+
+    header, line = 22, 16
+    legend_rows = (len(class_names) - 1 + 3) // 4 if class_names else 0
+    canvas = Image.new("RGB", (grid_img.width, grid_img.height + 2 * header + legend_rows * line + 8), "black")
+    canvas.paste(grid_img, (0, 2 * header))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((6, 4), title, fill="white")
+    col = grid_img.width // 3
+    for i, name in enumerate(("image", "reference", "prediction")):
+        draw.text((i * col + col // 2 - 3 * len(name), header + 4), name, fill="white")
+    if class_names:
+        colors = label_colors(num_classes)
+        y0 = 2 * header + grid_img.height + 4
+        cell = grid_img.width // 4
+        for k, name in enumerate(class_names[1:], start=1):
+            x, y = ((k - 1) % 4) * cell + 6, y0 + ((k - 1) // 4) * line
+            draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(c) for c in colors[k]))
+            draw.text((x + 14, y + 1), str(name), fill="white")
     with atomic_path(path, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")

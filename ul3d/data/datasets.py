@@ -7,8 +7,9 @@ absolute paths::
 
 ``image`` is one path (a single-channel image, or one 4-D NIfTI whose 4th axis holds the channels) or a list of
 paths, one per channel; MONAI's ``LoadImaged`` + ``EnsureChannelFirstd`` handle both. Readers check the files of
-their own layout and raise :class:`~ul3d.data.validation.DatasetError` listing every problem they found; the image
-contents are checked by :func:`~ul3d.data.validation.validate_dataset`.
+their own layout and raise :class:`~ul3d.data.validation.DatasetError` listing every problem they found (when they
+find one, the cases' contents are checked too, so that one error lists everything); the image contents of a
+well-formed dataset are checked by :func:`~ul3d.data.validation.validate_dataset`.
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from ul3d.data.io import ImageReadError, case_id, read_header
-from ul3d.data.validation import DatasetError
+from ul3d.data.validation import DatasetError, validate_dataset
 
 __all__ = [
     "BTCV_8ORGAN_CLASSES",
     "BTCV_8ORGAN_LABEL_MAP",
     "BTCV_8ORGAN_TEST_CASES",
     "BTCV_CLASSES",
-    "DatasetError",
-    "DatasetSpec",
     "FETA_CLASSES",
     "LAYOUTS",
     "READERS",
+    "DatasetError",
+    "DatasetSpec",
     "load_dataset",
     "read_btcv",
     "read_datalist",
@@ -141,7 +142,7 @@ def _indexed_names(value: Any, where: str, what: str, problems: Problems) -> lis
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
     if not isinstance(value, Mapping) or not value:
-        problems.append((where, f"'{what}' must be a non-empty mapping like {{\"0\": \"name\"}}, got {value!r}"))
+        problems.append((where, f'\'{what}\' must be a non-empty mapping like {{"0": "name"}}, got {value!r}'))
         return []
     try:
         indexed = {int(k): str(v) for k, v in value.items()}
@@ -188,19 +189,35 @@ def _first(image: str | Sequence[str]) -> str:
     return image if isinstance(image, str) else image[0]
 
 
+def _content_problems(spec: DatasetSpec, reported: Problems) -> Problems:
+    """What :func:`validate_dataset` finds beyond the files already ``reported`` (so one error lists everything)."""
+    if not spec.class_names:  # the metadata itself is broken: nothing to check the labels against
+        return []
+    seen = {where for where, _ in reported}
+    try:
+        validate_dataset(spec, expected_channels=spec.num_channels or None)
+    except DatasetError as e:
+        return [(where, what) for where, what in e.problems if where not in seen]
+    return []
+
+
 def _finish(spec: DatasetSpec, problems: Problems, require_training: bool = True) -> DatasetSpec:
-    """Final checks shared by every reader: unique ids, at least one case; raise the problems found."""
+    """Final checks shared by every reader: unique ids, at least one case; raise the problems found.
+
+    When the layout has problems, the cases' contents are checked as well before raising, so that the error lists
+    every problem at once rather than one kind per run.
+    """
     _check_unique_ids(list(spec.training) + list(spec.test), problems)
     if require_training and not spec.training and not problems:
         problems.append((str(spec.root), "no training cases found"))
     if problems:
-        raise DatasetError(spec.name, spec.root, problems)
+        raise DatasetError(spec.name, spec.root, problems + _content_problems(spec, problems))
     return spec
 
 
 # ------------------------------------------------------------------------------------------------------- MSD
 def read_msd(root: str | os.PathLike) -> DatasetSpec:
-    """Read a Medical Segmentation Decathlon task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/``).
+    """Read a Medical Segmentation Decathlon task (``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/``).
 
     Args:
         root: the task folder, e.g. ``Task05_Prostate``.
@@ -219,8 +236,10 @@ def read_msd(root: str | os.PathLike) -> DatasetSpec:
     class_names = _class_names(meta["labels"], where, problems)
     training = []
     for i, entry in enumerate(meta.get("training") or []):
-        if not (isinstance(entry, Mapping) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)):
-            problems.append((where, f"training[{i}] must be {{\"image\": path, \"label\": path}}, got {entry!r}"))
+        if not (
+            isinstance(entry, Mapping) and isinstance(entry.get("image"), str) and isinstance(entry.get("label"), str)
+        ):
+            problems.append((where, f'training[{i}] must be {{"image": path, "label": path}}, got {entry!r}'))
             continue
         image, label = _abs(root, entry["image"]), _abs(root, entry["label"])
         _missing([image, label], problems)
@@ -364,14 +383,18 @@ def _nnunet_group(folder: Path, ending: str, problems: Problems) -> dict[str, di
     return cases
 
 
-def _nnunet_images(case: str, files: dict[int, str], folder: Path, ending: str, n: int, problems: Problems) -> list[str]:
-    missing = [c for c in range(n) if c not in files]
-    extra = sorted(c for c in files if c >= n)
-    for c in missing:
-        problems.append((str(folder.absolute() / f"{case}_{c:04d}{ending}"), "channel file not found"))
-    for c in extra:
+def _nnunet_images(
+    case: str, files: dict[int, str], folder: Path, ending: str, n: int, problems: Problems
+) -> list[str]:
+    """The case's channel files ``0..n-1`` (missing ones recorded as problems, kept in the list at their place)."""
+    images = []
+    for c in range(n):
+        if c not in files:
+            problems.append((str(folder.absolute() / f"{case}_{c:04d}{ending}"), "channel file not found"))
+        images.append(files.get(c, str(folder.absolute() / f"{case}_{c:04d}{ending}")))
+    for c in sorted(c for c in files if c >= n):
         problems.append((files[c], f"channel {c} is not in dataset.json's channel_names ({n} channels)"))
-    return [files[c] for c in range(n) if c in files]
+    return images
 
 
 def read_nnunet(root: str | os.PathLike) -> DatasetSpec:
@@ -424,7 +447,7 @@ def _datalist_item(entry: Any, base: Path, where: str, needs_label: bool, proble
         entry = {"image": entry}
     image = entry.get("image") if isinstance(entry, Mapping) else None
     if not (isinstance(image, str) or (isinstance(image, list) and image and all(isinstance(p, str) for p in image))):
-        problems.append((where, f"expected {{\"image\": path or [paths], \"label\": path}}, got {entry!r}"))
+        problems.append((where, f'expected {{"image": path or [paths], "label": path}}, got {entry!r}'))
         return None
     label = entry.get("label")
     if needs_label and not isinstance(label, str):
@@ -533,7 +556,7 @@ def read_datalist(
     if class_names is None and "labels" in meta:
         class_names = _class_names(meta["labels"], str(path), problems)
     elif class_names is None:
-        problems.append((str(path), "class names unknown: add \"labels\" to the JSON or pass class_names"))
+        problems.append((str(path), 'class names unknown: add "labels" to the JSON or pass class_names'))
     if channel_names is None and ("channel_names" in meta or "modality" in meta):
         key = "channel_names" if "channel_names" in meta else "modality"
         channel_names = _indexed_names(meta[key], str(path), key, problems)

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,12 @@ def _check_readable(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- NIfTI
+def _short_reason(error: Exception, path: Path) -> str:
+    """``"<type>: <message>"`` with the (already reported) full path shortened to the file name."""
+    message = str(error).replace(str(path), path.name).strip()
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def _nifti_layout(shape: tuple[int, ...], path: Path) -> tuple[tuple[int, ...], int]:
     """Spatial shape and channel count of a NIfTI data shape (2-D padded to 3-D; ``(x, y, z, 1, c)`` accepted)."""
     if len(shape) == 2:
@@ -131,7 +137,7 @@ def _load_nifti(path: Path):
     try:
         return nib.load(str(path))
     except Exception as e:  # nibabel raises many types for corrupt files
-        raise ImageReadError(path, f"{type(e).__name__}: {e}") from e
+        raise ImageReadError(path, _short_reason(e, path)) from e
 
 
 def _nifti_header(path: Path) -> ImageHeader:
@@ -147,7 +153,7 @@ def _nifti_array(path: Path) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:
-        raise ImageReadError(path, f"cannot read voxel data: {type(e).__name__}: {e}") from e
+        raise ImageReadError(path, f"cannot read voxel data: {_short_reason(e, path)}") from e
     shape, channels = _nifti_layout(data.shape, path)
     return data.reshape(shape + ((channels,) if data.ndim > 3 else ()))
 
@@ -407,9 +413,6 @@ def _write_nifti_like(array: np.ndarray, reference: Path, header: ImageHeader, o
     _save_nifti(_nifti_image(np.ascontiguousarray(array), header.affine, qform, sform), out_path)
 
 
-WriteFn = Callable[[np.ndarray, Path, ImageHeader, Path], None]
-
-
 def write_like(
     array: np.ndarray,
     reference_path: str | os.PathLike,
@@ -447,6 +450,47 @@ def write_like(
             f"{tuple(header.shape)} of the reference {reference} (expected (x, y, z) or (C, x, y, z))"
         )
     array = _cast(array, dtype, out_path)
-    writer: WriteFn = _write_nifti_like if is_nifti(out_path) else _write_sitk
+    writer = _write_nifti_like if is_nifti(out_path) else _write_sitk
     writer(array, reference, header, out_path)
     return out_path
+
+
+# ------------------------------------------------------------------------------------------- MONAI reader
+class SimpleITKReader:
+    """A MONAI ``ImageReader`` for NRRD and MetaImage files through SimpleITK (MONAI's own ``ITKReader``
+    needs the separate ``itk`` package). Arrays are in ``(x, y, z[, c])`` order with a RAS affine, as
+    MONAI's readers give them, so ``Orientationd``/``Spacingd``/``Invertd`` treat every format alike.
+    """
+
+    suffixes = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+    def verify_suffix(self, filename) -> bool:
+        names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
+        return all(image_suffix(n) in self.suffixes for n in names)
+
+    def read(self, data, **kwargs):
+        return [data] if isinstance(data, (str, os.PathLike)) else list(data)
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        arrays, headers = zip(*(read_array(p) for p in img))
+        first = headers[0]
+        if len(arrays) > 1:  # one file per channel
+            array, channel_dim = np.stack(arrays, axis=0), 0
+        else:
+            array, channel_dim = arrays[0], (-1 if first.channels > 1 else float("nan"))
+        meta = {
+            "affine": first.affine.copy(),
+            "original_affine": first.affine.copy(),
+            "spatial_shape": np.asarray(first.shape),
+            "original_channel_dim": channel_dim,
+            "space": "RAS",
+            "filename_or_obj": str(img[0]),
+        }
+        return array, meta
+
+
+def monai_reader():
+    """The :class:`SimpleITKReader` registered as a ``monai.data.ImageReader`` subclass (built lazily)."""
+    from monai.data import ImageReader
+
+    return type("SimpleITKImageReader", (SimpleITKReader, ImageReader), {})()

@@ -104,7 +104,9 @@ def _spread_points(rng: np.random.Generator, n: int, radius: float) -> np.ndarra
     return np.asarray(chosen[:n])
 
 
-def _label_map(rng: np.random.Generator, shape: tuple[int, int, int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _label_map(
+    rng: np.random.Generator, shape: tuple[int, int, int], num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(labels, body)``: one smooth noisy blob per foreground class inside a noisy body ellipsoid."""
     coords = _grid(shape)
     body = sum((c / 0.92) ** 2 for c in coords) + 0.12 * _smooth_noise(rng, shape, 0.12) < 1.0
@@ -121,7 +123,7 @@ def _label_map(rng: np.random.Generator, shape: tuple[int, int, int], num_classe
     labels[~body] = 0
     for c, center in enumerate(centers, start=1):  # every class present, whatever the noise did
         if not np.any(labels == c):
-            index = tuple(int(round((m + 1.0) / 2.0 * (n - 1))) for m, n in zip(center, shape))
+            index = tuple(int(np.rint((m + 1.0) / 2.0 * (n - 1))) for m, n in zip(center, shape))
             ball = tuple(slice(max(i - 1, 0), i + 2) for i in index)
             labels[ball], body[ball] = c, True
     return labels, body

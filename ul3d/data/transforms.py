@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from monai import transforms as T
 
 from ..config import get
+from .io import monai_reader
 
 __all__ = ["preprocessing", "train_augmentation"]
 
@@ -49,7 +50,8 @@ def preprocessing(
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-    tfs: list = [T.LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)]
+    # NIfTI through nibabel (MONAI's default), NRRD/MetaImage through SimpleITK
+    tfs: list = [T.LoadImaged(keys=keys, reader=monai_reader(), ensure_channel_first=True, image_only=True)]
     if with_label and label_map:
         src = sorted(label_map)
         tfs.append(T.MapLabelValued(keys="label", orig_labels=src, target_labels=[label_map[s] for s in src]))
@@ -69,18 +71,34 @@ def preprocessing(
     return T.Compose(tfs)
 
 
-def train_augmentation(config: dict) -> T.Compose:
-    """Random part of training: pos/neg patch sampling then 3D UX-Net's augmentations."""
+def train_augmentation(config: dict, num_classes: int | None = None) -> T.Compose:
+    """Random part of training: patch sampling then 3D UX-Net's augmentations.
+
+    ``train.sampling``: ``posneg`` (default: patch centres on foreground with probability pos/(pos+neg)) or
+    ``classes`` (centres drawn class by class with equal probability — small structures are seen as often as
+    large ones; needs ``num_classes``).
+    """
     roi = tuple(int(s) for s in get(config, "train.roi_size"))
     aug = get(config, "train.augment", {}) or {}
     keys = ["image", "label"]
-    tfs: list = [
-        T.RandCropByPosNegLabeld(
+    sampling = get(config, "train.sampling", "posneg")
+    samples = int(get(config, "train.num_samples", 1))
+    if sampling == "posneg":
+        crop = T.RandCropByPosNegLabeld(
             keys=keys, label_key="label", spatial_size=roi, pos=float(get(config, "train.pos", 1)),
-            neg=float(get(config, "train.neg", 1)), num_samples=int(get(config, "train.num_samples", 1)),
-            image_key="image", image_threshold=0, allow_smaller=True,
-        ),
-    ]
+            neg=float(get(config, "train.neg", 1)), num_samples=samples, image_key="image", image_threshold=0,
+            allow_smaller=True,
+        )
+    elif sampling == "classes":
+        if not num_classes:
+            raise ValueError("train.sampling=classes needs the number of classes")
+        crop = T.RandCropByLabelClassesd(
+            keys=keys, label_key="label", spatial_size=roi, num_classes=num_classes, num_samples=samples,
+            image_key="image", image_threshold=0, allow_smaller=True, warn=False,
+        )
+    else:
+        raise ValueError(f"train.sampling must be 'posneg' or 'classes', got {sampling!r}")
+    tfs: list = [crop]
     if float(aug.get("affine_prob", 0)) > 0:
         tfs.append(
             T.RandAffined(

@@ -95,8 +95,10 @@ def _check_channel_files(paths: list[Path], headers: list[ImageHeader], problems
     first = headers[0]
     for path, header in zip(paths[1:], headers[1:]):
         if header.shape != first.shape:
-            problem = f"shape {_fmt_shape(header.shape)} does not match the first channel file's {_fmt_shape(first.shape)}"
-            problems.append((str(path), f"{problem} ({paths[0].name})"))
+            problem = (
+                f"shape {_fmt_shape(header.shape)} does not match the first channel file's {_fmt_shape(first.shape)}"
+            )
+            problems.append((str(path), f"{problem} (first: {paths[0].name})"))
             ok = False
         elif not np.allclose(header.affine, first.affine, atol=_AFFINE_ATOL):
             problems.append((str(path), f"affine does not match the first channel file {paths[0].name}"))
@@ -111,11 +113,11 @@ def _check_geometry(
         problems.append((str(label_path), f"label has {label.channels} channels (expected a single 3-D map)"))
     if label.shape != image.shape:
         problem = f"shape {_fmt_shape(label.shape)} does not match the image's {_fmt_shape(image.shape)}"
-        problems.append((str(label_path), f"{problem} ({image_path.name})"))
+        problems.append((str(label_path), f"{problem} (image: {image_path.name})"))
     elif not np.allclose(label.affine, image.affine, atol=_AFFINE_ATOL):
         diff = float(np.abs(label.affine - image.affine).max())
         problem = f"affine does not match the image's (largest difference {diff:.4g})"
-        problems.append((str(label_path), f"{problem} ({image_path.name})"))
+        problems.append((str(label_path), f"{problem} (image: {image_path.name})"))
 
 
 def _check_label_values(label_path: Path, allowed: set[int], problems: list[tuple[str, str]]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from ..data.io import IMAGE_SUFFIXES, case_id, image_suffix, write_like
 from ..data.transforms import preprocessing
 from .train import load_checkpoint, network_from_spec
 
-__all__ = ["Predictor", "PredictionReport", "predict_paths", "find_images"]
+__all__ = ["Predictor", "PredictionReport", "predict_paths", "find_images", "group_cases"]
+
+_CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -39,6 +42,25 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         else:
             files.append(p)
     return files
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's message (MONAI wraps reader errors in "applying transform ...")."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"
+
+
+def group_cases(files: Sequence[Path]) -> list[tuple[str, list[Path]]]:
+    """Group files into cases: nnU-Net's ``CASE_0000.nii.gz, CASE_0001.nii.gz, ...`` form one case ``CASE`` with
+    one file per channel (in channel order); any other file is a case of its own named by its file name."""
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for f in files:
+        m = _CHANNEL_FILE.fullmatch(case_id(f))
+        key, idx = (m.group(1), int(m.group(2))) if m else (case_id(f), -1)
+        groups.setdefault(key, []).append((idx, f))
+    return [(case, [f for _, f in sorted(members)]) for case, members in groups.items()]
 
 
 @dataclass
@@ -124,13 +146,17 @@ class Predictor:
                 total = p if total is None else total + p
         return (total / (len(self.networks) * len(flips)))[0].cpu()
 
-    def predict_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-        """Labels (uint8) and probabilities (float32, ``(C, *S)``) on the input's own voxel grid."""
-        path = Path(path)
+    def predict_file(self, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (uint8) and probabilities (float32, ``(C, *S)``) on the input's own voxel grid.
+
+        ``paths``: one image file (channels in a 4-D file when there are several), or one file per channel.
+        """
+        files = [Path(p) for p in paths] if isinstance(paths, (list, tuple)) else [Path(paths)]
+        path = files[0] if len(files) == 1 else ", ".join(str(f) for f in files)
         try:
-            data = self.preprocess({"image": str(path)})
+            data = self.preprocess({"image": str(files[0]) if len(files) == 1 else [str(f) for f in files]})
         except Exception as e:  # noqa: BLE001 - report any reader failure as "cannot read"
-            raise ValueError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            raise ValueError(f"cannot read {path}: {_root_cause(e)}") from None
         image = data["image"]
         if image.shape[0] != self.in_channels:
             raise ValueError(f"{path}: expected {self.in_channels} channel(s), found {image.shape[0]} "
@@ -145,13 +171,18 @@ class Predictor:
         probs_np = torch.as_tensor(restored).float().numpy()
         return probs_np.argmax(0).astype(np.uint8), probs_np
 
-    def predict_to(self, path: Path, output_dir: Path, save_probabilities: bool = False) -> Path:
-        labels, probs = self.predict_file(path)
-        suffix = image_suffix(path)
-        out = output_dir / f"{case_id(path)}{suffix}"
-        write_like(labels, path, out, dtype=np.uint8)
+    def predict_to(self, paths: Path | Sequence[Path], output_dir: Path, save_probabilities: bool = False,
+                   case: str | None = None) -> Path:
+        """Predict one case and write ``output_dir/<case><suffix>`` (and ``<case>_probabilities<suffix>``)."""
+        files = [Path(p) for p in paths] if isinstance(paths, (list, tuple)) else [Path(paths)]
+        labels, probs = self.predict_file(files)
+        ref = files[0]
+        suffix = image_suffix(ref)
+        case = case or group_cases(files)[0][0]
+        out = Path(output_dir) / f"{case}{suffix}"
+        write_like(labels, ref, out, dtype=np.uint8)
         if save_probabilities:
-            write_like(probs.astype(np.float32), path, output_dir / f"{case_id(path)}_probabilities{suffix}", dtype=np.float32)
+            write_like(probs.astype(np.float32), ref, Path(output_dir) / f"{case}_probabilities{suffix}", dtype=np.float32)
         return out
 
 
@@ -170,11 +201,12 @@ def predict_paths(
     files = find_images(inputs)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for f in tqdm(files, desc="ul3d predict", unit="case", disable=not progress):
+    for case, members in tqdm(group_cases(files), desc="ul3d predict", unit="case", disable=not progress):
         try:
-            report.written.append(predictor.predict_to(f, out, save_probabilities))
+            report.written.append(predictor.predict_to(members, out, save_probabilities, case=case))
         except (ValueError, OSError, RuntimeError) as e:
-            report.failed[str(f)] = str(e)
-            tqdm.write(f"[ul3d predict] skipped {f}: {e}")
+            name = str(members[0]) if len(members) == 1 else f"{case} ({', '.join(m.name for m in members)})"
+            report.failed[name] = str(e)
+            tqdm.write(f"[ul3d predict] skipped {name}: {e}")
     report.seconds = time.time() - t0
     return report

@@ -255,7 +255,7 @@ def train(
     label_map = spec.label_map
     train_base = CacheDataset(train_items, preprocessing(config, label_map=label_map, pad_to=roi),
                               cache_rate=cache_rate, num_workers=max(1, workers), progress=False)
-    train_ds = IterationDataset(train_base, train_augmentation(config), seed, total * batch)
+    train_ds = IterationDataset(train_base, train_augmentation(config, len(classes)), seed, total * batch)
     train_loader = DataLoader(train_ds, batch_size=batch, sampler=_RangeSampler(start * batch, total * batch),
                               num_workers=workers, persistent_workers=workers > 0)
 

@@ -1,0 +1,256 @@
+"""train -> predict -> evaluate on every dataset layout, resume after SIGKILL, and bad input handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ul3d.cli import main
+from ul3d.config import load_config
+from ul3d.data.datasets import load_dataset
+from ul3d.data.io import write_like
+from ul3d.data.synth import write_synthetic
+from ul3d.engine.infer import Predictor, group_cases, predict_paths
+from ul3d.engine.train import load_checkpoint, train
+
+FAST = [
+    "network.variant=T", "train.roi_size=[32,32,32]", "train.iterations=2", "train.val_interval=2",
+    "train.num_samples=2", "data.num_workers=0", "infer.sw_batch_size=2", "infer.overlap=0.25",
+]
+LAYOUTS = {  # layout: (config, extra overrides)
+    "msd-prostate": ("prostate", ["data.spacing=[1.2,1.2,3.6]"]),
+    "feta": ("feta", ["data.spacing=[1.6,1.6,1.6]"]),
+    "btcv": ("btcv", ["data.spacing=[1.6,1.6,2.5]"]),
+    "nnunet": ("nnunet", []),
+}
+
+
+def _images_of(spec):
+    return [it["image"] for it in spec.training + spec.test]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_train_predict_evaluate_every_layout(layout, tmp_path, capsys):
+    root = write_synthetic(layout, tmp_path / "data", seed=1)
+    config_name, extra = LAYOUTS[layout]
+    run = tmp_path / "run"
+    assert main(["train", "--config", config_name, "--data", str(root), "--output", str(run),
+                 "--set", *FAST, *extra, "--device", "cpu"]) == 0
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    spec = load_dataset(root, **({"protocol": "8organ"} if layout == "btcv" else {}))
+    assert ckpt["class_names"] == spec.class_names and ckpt["iteration"] == 2
+    assert (run / "checkpoints" / "best.pt").exists() and (run / "history.json").exists()
+    assert list((run / "tensorboard").iterdir())
+
+    # predict two labelled cases (nnU-Net: one file per channel) and check the geometry of every output
+    labelled = spec.training[:2]
+    inputs = [f for it in labelled for f in ([it["image"]] if isinstance(it["image"], str) else it["image"])]
+    pred_dir = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--input", *inputs,
+                 "--output", str(pred_dir), "--device", "cpu"]) == 0
+    def files(item):
+        return [Path(item["image"])] if isinstance(item["image"], str) else [Path(f) for f in item["image"]]
+
+    def pred_name(item):  # predictions are named by the image's case id (nnU-Net: without _0000)
+        return group_cases(files(item))[0][0] + ".nii.gz"
+
+    for item in labelled:
+        src = nib.load(str(files(item)[0]))
+        out = nib.load(str(pred_dir / pred_name(item)))
+        assert out.shape == src.shape[:3]
+        assert np.allclose(out.affine, src.affine, atol=1e-4)
+        assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(src.affine)
+        assert out.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(out.dataobj))) <= set(range(spec.num_classes))
+    assert not list(pred_dir.glob(".*tmp*"))
+
+    # evaluate against the references of the predicted cases
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    for item in labelled:  # references in the trained label space (BTCV 8-organ: remapped)
+        ref = nib.load(item["label"])
+        lab = np.asarray(ref.dataobj).astype(np.uint8)
+        if spec.label_map:
+            lut = np.zeros(256, np.uint8)
+            for src_value, dst in spec.label_map.items():
+                lut[src_value] = dst
+            lab = lut[lab]
+        nib.save(nib.Nifti1Image(lab, ref.affine), str(ref_dir / pred_name(item)))
+    assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir)]) == 0
+    summary = json.loads((pred_dir / "summary.json").read_text())
+    assert {"metric_per_case", "mean", "foreground_mean"} <= set(summary)
+    assert len(summary["metric_per_case"]) == 2
+    assert "Dice" in summary["foreground_mean"] and "HD95" in summary["foreground_mean"]
+    assert (pred_dir / "metrics.csv").exists()
+
+
+def test_thin_prostate_volumes_and_btcv_protocol(tmp_path):
+    root = write_synthetic("msd-prostate", tmp_path / "p", seed=2)
+    spec = load_dataset(root)
+    shape = nib.load(spec.training[0]["image"]).shape
+    assert shape[2] < 32 and shape[3] == 2  # thinner than the patch, two channels
+    btcv = load_dataset(write_synthetic("btcv", tmp_path / "b", seed=2), protocol="8organ")
+    assert btcv.num_classes == 9 and btcv.label_map[8] == 1 and btcv.label_map[5] == 0
+
+
+def _kill_and_resume_cmd(data, out, extra=()):
+    return [sys.executable, "-m", "ul3d", "train", "--config", "feta", "--data", str(data), "--output", str(out),
+            "--device", "cpu", "--seed", "7", "--set", "network.variant=T", "train.roi_size=[32,32,32]",
+            "train.iterations=24", "train.val_interval=4", "train.num_samples=2", "data.num_workers=0",
+            "data.spacing=[1.6,1.6,1.6]", "data.val_fraction=0", *extra]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    data = write_synthetic("feta", tmp_path / "data", seed=3)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(_kill_and_resume_cmd(data, ref_out), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_kill_and_resume_cmd(data, cut_out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = cut_out / "checkpoints" / "last.pt"
+    killed_at = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists():
+            it = torch.load(last, weights_only=False)["iteration"]
+            if 8 <= it < 24:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                killed_at = it
+                break
+        time.sleep(0.05)
+    assert killed_at is not None, "the run finished before it could be killed; make it longer"
+    assert torch.load(last, weights_only=False)["iteration"] < 24  # really interrupted
+    subprocess.run(_kill_and_resume_cmd(data, cut_out) + ["--resume"], check=True, env=env, capture_output=True)
+    ref = load_checkpoint(ref_out / "checkpoints" / "last.pt")
+    cut = load_checkpoint(last)
+    assert cut["iteration"] == ref["iteration"] == 24
+    for k, v in ref["network"].items():
+        assert torch.equal(v, cut["network"][k]), f"{k} differs after resume"
+    assert [h["loss"] for h in cut["history"]] == [h["loss"] for h in ref["history"]]
+
+
+def test_same_seed_same_weights_and_workers_do_not_matter(tmp_path):
+    data = write_synthetic("feta", tmp_path / "data", seed=4)
+    cfg = load_config("feta", FAST + ["data.spacing=[1.6,1.6,1.6]", "data.val_fraction=0", "train.iterations=3",
+                                      "train.val_interval=3"])
+    a = train(cfg, data, tmp_path / "a", device="cpu")
+    b = train(load_config("feta", FAST + ["data.spacing=[1.6,1.6,1.6]", "data.val_fraction=0", "train.iterations=3",
+                                          "train.val_interval=3", "data.num_workers=2"]), data, tmp_path / "b", device="cpu")
+    wa, wb = load_checkpoint(a.last_checkpoint)["network"], load_checkpoint(b.last_checkpoint)["network"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    data = write_synthetic("msd-prostate", tmp / "data", seed=5)
+    cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]"])
+    result = train(cfg, data, tmp / "run", device="cpu")
+    return data, result
+
+
+def test_predict_skips_bad_files_and_reports_them(trained, tmp_path, capsys):
+    data, result = trained
+    spec = load_dataset(data)
+    good = Path(spec.training[0]["image"])
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / good.name).write_bytes(good.read_bytes())
+    (inputs / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
+    one_channel = nib.Nifti1Image(np.zeros((40, 40, 12), np.float32), np.eye(4))
+    nib.save(one_channel, str(inputs / "one_channel.nii.gz"))
+    out = tmp_path / "out"
+    code = main(["predict", "--checkpoint", str(result.last_checkpoint), "--input", str(inputs), "--output", str(out),
+                 "--device", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "broken.nii.gz" in err and "one_channel.nii.gz" in err and "expected 2 channel(s), found 1" in err
+    assert sorted(p.name for p in out.iterdir()) == [good.name]  # the good one finished, nothing half-written
+
+
+def test_predict_nrrd_tta_ensemble_and_probabilities(trained, tmp_path):
+    import SimpleITK as sitk
+
+    data, result = trained
+    spec = load_dataset(data)
+    src = spec.training[0]["image"]
+    arr = np.asarray(nib.load(src).dataobj, dtype=np.float32)  # (x, y, z, 2): T2 + ADC
+    nrrd = tmp_path / "case.nrrd"  # the same two channels as a 3-D vector image with the same geometry
+    write_like(np.moveaxis(arr, -1, 0), src, nrrd, dtype=np.float32)
+    img = sitk.ReadImage(str(nrrd))
+    assert img.GetNumberOfComponentsPerPixel() == 2 and img.GetDimension() == 3
+    predictor = Predictor([result.last_checkpoint, result.best_checkpoint], device="cpu", tta=True)
+    report = predict_paths(predictor, [nrrd], tmp_path / "out", save_probabilities=True, progress=False)
+    assert report.ok, report.failed
+    out = sitk.ReadImage(str(tmp_path / "out" / "case.nrrd"))
+    assert out.GetSize() == img.GetSize()
+    assert np.allclose(out.GetSpacing(), img.GetSpacing()) and np.allclose(out.GetOrigin(), img.GetOrigin())
+    assert np.allclose(out.GetDirection(), img.GetDirection())
+    probs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "case_probabilities.nrrd")))
+    assert np.allclose(probs.sum(-1), 1, atol=1e-3)
+
+
+def test_checkpoint_errors_are_clear(trained, tmp_path, capsys):
+    data, result = trained
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": 1}, bogus)
+    assert main(["predict", "--checkpoint", str(bogus), "--input", str(data), "--output", str(tmp_path / "o")]) == 2
+    assert "not a ul3d checkpoint" in capsys.readouterr().err
+    ckpt = load_checkpoint(result.last_checkpoint)
+    ckpt["network"] = {k: v[..., :1] if v.dim() > 1 else v for k, v in ckpt["network"].items()}
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    assert main(["predict", "--checkpoint", str(bad), "--input", str(data), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.pt" in err and "do not fit" in err
+
+
+def test_train_rejects_bad_datasets_before_training(tmp_path, capsys):
+    root = write_synthetic("feta", tmp_path / "data", seed=6)
+    spec = load_dataset(root)
+    Path(spec.training[0]["label"]).unlink()
+    bad_img = nib.load(spec.training[1]["image"])
+    arr = np.asarray(bad_img.dataobj).astype(np.float32)
+    arr[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(arr, bad_img.affine), spec.training[1]["image"])
+    code = main(["train", "--config", "feta", "--data", str(root), "--output", str(tmp_path / "run"), "--set", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert Path(spec.training[0]["label"]).name in err and Path(spec.training[1]["image"]).name in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # wrong channel count declared by the config
+    root2 = write_synthetic("feta", tmp_path / "data2", seed=6)
+    assert main(["train", "--config", "feta", "--data", str(root2), "--output", str(tmp_path / "r2"),
+                 "--set", *FAST, "data.channels=2"]) == 2
+    assert "channel" in capsys.readouterr().err
+
+
+def test_config_errors(tmp_path, capsys):
+    root = write_synthetic("feta", tmp_path / "data", seed=6)
+    assert main(["train", "--config", "nope.yaml", "--data", str(root)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train", "--config", "feta", "--data", str(root), "--set", "train.iterations=5",
+                 "train.val_interval=2"]) == 2
+    assert "multiple of train.val_interval" in capsys.readouterr().err
+    assert main(["train", "--config", "feta", "--data", str(root), "--set", "novalue"]) == 2
+    assert "key=value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout,expected", [("nnunet", "nnunet"), ("msd-prostate", "msd"), ("feta", "feta"), ("btcv", "btcv")])
+def test_synth_command(layout, expected, tmp_path, capsys):
+    assert main(["synth", "--layout", layout, "--out", str(tmp_path / "s")]) == 0
+    root = capsys.readouterr().out.strip().rsplit(" to ", 1)[1]
+    spec = load_dataset(root)
+    assert spec.layout == expected and len(spec.training) >= 4
