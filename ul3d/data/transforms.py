@@ -39,6 +39,7 @@ def preprocessing(
     with_label: bool = True,
     label_map: dict[int, int] | None = None,
     pad_to: Sequence[int] | None = None,
+    class_indices: int | None = None,
 ) -> T.Compose:
     """Deterministic preprocessing of ``{"image": ..., "label": ...}`` items.
 
@@ -47,6 +48,8 @@ def preprocessing(
         with_label: also load and resample ``label`` (nearest neighbour).
         label_map: remap label values at load time (e.g. BTCV's 8-organ protocol).
         pad_to: pad image (and label) to at least this size — training pads thin volumes to the patch.
+        class_indices: number of classes; precompute each class's voxel indices (``label_cls_indices``) so
+            class-balanced patch sampling does not search the volume for every patch.
     """
     keys = ["image", "label"] if with_label else ["image"]
     modes = ("bilinear", "nearest") if with_label else ("bilinear",)
@@ -67,6 +70,9 @@ def preprocessing(
         tfs.append(T.CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
     if pad_to is not None:
         tfs.append(T.SpatialPadd(keys=keys, spatial_size=tuple(int(s) for s in pad_to)))
+    if class_indices:
+        tfs.append(T.ClassesToIndicesd(keys="label", num_classes=class_indices, indices_postfix="_cls_indices",
+                                       image_key="image", image_threshold=0))
     tfs.append(T.EnsureTyped(keys=keys, dtype=None))
     return T.Compose(tfs)
 
@@ -94,7 +100,7 @@ def train_augmentation(config: dict, num_classes: int | None = None) -> T.Compos
             raise ValueError("train.sampling=classes needs the number of classes")
         crop = T.RandCropByLabelClassesd(
             keys=keys, label_key="label", spatial_size=roi, num_classes=num_classes, num_samples=samples,
-            image_key="image", image_threshold=0, allow_smaller=True, warn=False,
+            image_key="image", image_threshold=0, allow_smaller=True, warn=False, indices_key="label_cls_indices",
         )
     else:
         raise ValueError(f"train.sampling must be 'posneg' or 'classes', got {sampling!r}")
@@ -111,4 +117,5 @@ def train_augmentation(config: dict, num_classes: int | None = None) -> T.Compos
     if float(aug.get("intensity_shift_prob", 0)) > 0:
         tfs.append(T.RandShiftIntensityd(keys="image", offsets=float(aug["intensity_shift"]), prob=float(aug["intensity_shift_prob"])))
     tfs.append(T.EnsureTyped(keys=keys, track_meta=False))
+    tfs.append(T.SelectItemsd(keys=keys))  # drop cached indices from the batch
     return T.Compose(tfs)

@@ -253,7 +253,9 @@ def train(
     workers = int(get(config, "data.num_workers", 0) or 0)
     cache_rate = float(get(config, "data.cache_rate", 1.0))
     label_map = spec.label_map
-    train_base = CacheDataset(train_items, preprocessing(config, label_map=label_map, pad_to=roi),
+    balanced = get(config, "train.sampling", "posneg") == "classes"
+    train_base = CacheDataset(train_items, preprocessing(config, label_map=label_map, pad_to=roi,
+                                                         class_indices=len(classes) if balanced else None),
                               cache_rate=cache_rate, num_workers=max(1, workers), progress=False)
     train_ds = IterationDataset(train_base, train_augmentation(config, len(classes)), seed, total * batch)
     train_loader = DataLoader(train_ds, batch_size=batch, sampler=_RangeSampler(start * batch, total * batch),
@@ -328,7 +330,7 @@ def train(
         payload = {
             "format": CHECKPOINT_FORMAT, "ul3d_version": __version__, "iteration": it,
             "network": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": trainer.scaler_.state_dict() if use_amp else None, "trainer": engine.state_dict(),
+            "scaler": trainer.scaler.state_dict() if use_amp else None, "trainer": engine.state_dict(),
             "rng": _rng_state(), "config": config, "class_names": classes, "channel_names": list(spec.channel_names),
             "network_spec": net_spec, "best": dict(best), "history": history,
         }
@@ -356,12 +358,12 @@ def train(
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])
         if use_amp and ckpt.get("scaler"):
-            trainer.scaler_.load_state_dict(ckpt["scaler"])
+            trainer.scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         _log(f"[ul3d train] resuming {last_path} at iteration {start}/{total}")
     if start < total:
         _log(f"[ul3d train] {len(train_items)} training / {len(val_items)} validation cases, classes {classes}, "
-             f"network {net_spec['name']}:{net_spec['variant']} on {dev}")
+             f"network {net_spec['name']}{':' + net_spec['variant'] if net_spec['variant'] else ''} on {dev}")
         trainer.run()
     writer.close()
     return TrainResult(out, best_path if best_path.exists() else None, last_path, best["metric"], best["iteration"],
