@@ -36,6 +36,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from monai.networks.utils import one_hot
 
+from ul3d.data.io import IMAGE_SUFFIXES, read_array, read_header
 from ul3d.utils import atomic_path
 
 __all__ = [
@@ -52,10 +53,8 @@ logger = logging.getLogger(__name__)
 #: Metrics reported per class, in this order (nnU-Net v2's names, plus ``HD95`` in mm).
 METRIC_NAMES: tuple[str, ...] = ("Dice", "IoU", "HD95", "TP", "FP", "FN", "TN", "n_pred", "n_ref")
 
-#: Image file endings recognised in a folder; ``.nii.gz`` must precede ``.nii``.
-SUPPORTED_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
-_NIBABEL_EXTENSIONS = (".nii.gz", ".nii")
+#: Image file endings recognised in a folder (those :mod:`ul3d.data.io` reads; ``.nii.gz`` before ``.nii``).
+SUPPORTED_EXTENSIONS: tuple[str, ...] = IMAGE_SUFFIXES
 _CSV_COLUMNS = ("case", "label", "name", "Dice", "IoU", "HD95", "TP", "FP", "FN", "n_pred", "n_ref")
 _COUNT_METRICS = ("TP", "FP", "FN", "TN", "n_pred", "n_ref")
 
@@ -228,10 +227,6 @@ def _list_cases(folder: Path, role: str) -> dict[str, Path]:
     return cases
 
 
-def _is_nibabel(path: Path) -> bool:
-    return path.name.lower().endswith(_NIBABEL_EXTENSIONS)
-
-
 def _drop_trailing_singletons(shape: Sequence[int]) -> tuple[int, ...]:
     """Drop size-1 axes beyond the third (e.g. NIfTI ``(x, y, z, 1)`` label maps)."""
     shape = tuple(int(n) for n in shape)
@@ -242,51 +237,25 @@ def _drop_trailing_singletons(shape: Sequence[int]) -> tuple[int, ...]:
 
 def _read_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Shape and spacing (mm) of an image without reading its voxels; axes in (x, y, z) order."""
-    if _is_nibabel(path):
-        import nibabel as nib
-
-        header = nib.load(str(path)).header
-        shape = _drop_trailing_singletons(header.get_data_shape())
-        zooms = tuple(float(z) for z in header.get_zooms())
-    else:
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        shape = _drop_trailing_singletons(reader.GetSize())
-        zooms = tuple(float(s) for s in reader.GetSpacing())
-    return shape, zooms[: len(shape)]
+    header = read_header(path)
+    shape = _drop_trailing_singletons(header.shape)
+    return shape, tuple(float(z) for z in header.spacing)[: len(shape)]
 
 
 def _read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Voxels and spacing (mm) of a label map, axes in (x, y, z) order whatever the file format.
-
-    NIfTI files are read with nibabel (array index order = voxel axes i, j, k); NRRD/MHA/MHD with SimpleITK,
-    whose ``(z, y, x)`` arrays are transposed to ``(x, y, z)`` so both readers agree. Floating-point label
-    maps are accepted when every value is integral.
+    """Voxels and spacing (mm) of a label map, axes in (x, y, z) order whatever the file format
+    (:func:`ul3d.data.io.read_array`). Floating-point label maps are accepted when every value is integral.
     """
-    if _is_nibabel(path):
-        import nibabel as nib
-
-        image = nib.load(str(path))
-        array = np.asanyarray(image.dataobj)
-        zooms = tuple(float(z) for z in image.header.get_zooms())
-    else:
-        import SimpleITK as sitk
-
-        image = sitk.ReadImage(str(path))
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise EvaluationError(f"{path} is a multi-component image, not a label map.")
-        array = np.transpose(sitk.GetArrayFromImage(image))
-        zooms = tuple(float(s) for s in image.GetSpacing())
-    array = array.reshape(_drop_trailing_singletons(array.shape))
+    array, header = read_array(path)
+    if header.channels != 1:
+        raise EvaluationError(f"{path} is a multi-component image, not a label map.")
+    array = np.asarray(array).reshape(_drop_trailing_singletons(array.shape))
     if not np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, np.bool_):
         rounded = np.rint(array)
         if not np.array_equal(rounded, array):
             raise EvaluationError(f"{path} holds non-integer values; expected a label map.")
         array = rounded.astype(np.int64)
-    return array, zooms[: array.ndim]
+    return array, tuple(float(z) for z in header.spacing)[: array.ndim]
 
 
 # ---------------------------------------------------------------------------------------------------------------
