@@ -96,7 +96,9 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="sliding-window inference on NIfTI/NRRD/MHA files or folders",
                        description="Write uint8 label maps with each input's shape, affine and orientation.")
-    p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint(s); several are ensembled")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", nargs="+", help="checkpoint(s); several are ensembled (softmax average)")
+    src.add_argument("--cv-dir", help="a `ul3d cv` output folder: ensemble the final checkpoint of every fold")
     p.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"))
@@ -110,7 +112,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from .engine.infer import Predictor, predict_paths
 
-    predictor = Predictor(args.checkpoint, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+    checkpoints = args.checkpoint or _cv_checkpoints(args.cv_dir)
+    predictor = Predictor(checkpoints, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                           tta=args.tta)
     print(f"[ul3d predict] {predictor.description}")
     report = predict_paths(predictor, args.input, args.output, args.save_probabilities, progress=sys.stderr.isatty())
@@ -120,6 +123,43 @@ def _run_predict(args: argparse.Namespace) -> int:
         for f, why in report.failed.items():
             print(f"  {f}: {why}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cv_checkpoints(cv_dir: str) -> list[str]:
+    from pathlib import Path
+
+    found = sorted(Path(cv_dir).glob("fold_*/checkpoints/last.pt"), key=lambda p: int(p.parts[-3].split("_")[1]))
+    if not found:
+        raise FileNotFoundError(f"no fold_K/checkpoints/last.pt under {cv_dir}: is it a `ul3d cv` output folder?")
+    return [str(f) for f in found]
+
+
+def _add_cv(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv", help="K-fold cross-validation on nnU-Net-compatible splits, with a report",
+                       description="Writes splits_final.json (nnU-Net format, seed 12345), trains one model per fold, "
+                       "predicts and evaluates each fold's validation cases, and reports. Re-running resumes.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--splits", default=None, help="use this splits_final.json instead of making one")
+    p.add_argument("--fold", type=int, default=None, help="run only fold K")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids: run folds concurrently, one per GPU")
+    p.add_argument("--network", default=None, metavar="NAME[:VARIANT]")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_run_cv)
+
+
+def _run_cv(args: argparse.Namespace) -> int:
+    from .cv import run_cv
+
+    config = _config_from_args(args)
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    run_cv(config, args.data, args.out, folds=args.folds, splits=args.splits, fold=args.fold, gpus=gpus,
+           device=args.device, report=not args.no_report)
     return 0
 
 
@@ -190,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_synth(sub)
     _add_demo(sub)
+    _add_cv(sub)
     return parser
 
 

@@ -104,3 +104,51 @@ def orthogonal_figure(
             draw.text((x + 14, y + 1), str(name), fill="white")
     with atomic_path(path, suffix=".png") as tmp:
         canvas.save(tmp, format="PNG")
+
+
+def boxplot(values: dict[str, Sequence[float]], path: str | os.PathLike, title: str = "", ylabel: str = "Dice") -> None:
+    """Write a PNG box plot (median, quartiles, 1.5·IQR whiskers, outliers as dots, mean as a cross) per group.
+
+    ``values`` maps a group name (e.g. a class) to its values in [0, 1]; NaN values are dropped.
+    """
+    from PIL import Image, ImageDraw
+
+    names = list(values)
+    box_w, gap, left, top, bottom, height = 34, 26, 46, 30, 90, 300
+    width = left + len(names) * (box_w + gap) + gap
+    img = Image.new("RGB", (max(width, 320), top + height + bottom), "white")
+    draw = ImageDraw.Draw(img)
+
+    def y_of(v: float) -> float:
+        return top + (1.0 - float(np.clip(v, 0.0, 1.0))) * height
+
+    for t in np.linspace(0, 1, 6):  # axis and grid
+        y = y_of(t)
+        draw.line([(left - 4, y), (img.width - 8, y)], fill=(225, 225, 225))
+        draw.text((6, y - 6), f"{t:.1f}", fill="black")
+    draw.line([(left, top), (left, top + height)], fill="black")
+    draw.text((left, 8), f"{title}  ({ylabel})" if title else ylabel, fill="black")
+    colors = label_colors(len(names) + 1)[1:]
+    for i, name in enumerate(names):
+        v = np.asarray([x for x in values[name] if x == x], dtype=float)
+        x0 = left + gap + i * (box_w + gap)
+        xc = x0 + box_w / 2
+        if v.size:
+            q1, med, q3 = np.percentile(v, [25, 50, 75])
+            iqr = q3 - q1
+            lo, hi = v[v >= q1 - 1.5 * iqr].min(), v[v <= q3 + 1.5 * iqr].max()
+            draw.line([(xc, y_of(lo)), (xc, y_of(q1))], fill="black")
+            draw.line([(xc, y_of(q3)), (xc, y_of(hi))], fill="black")
+            for w in (lo, hi):
+                draw.line([(x0 + 8, y_of(w)), (x0 + box_w - 8, y_of(w))], fill="black")
+            draw.rectangle([x0, y_of(q3), x0 + box_w, y_of(q1)], fill=tuple(int(c) for c in colors[i]), outline="black")
+            draw.line([(x0, y_of(med)), (x0 + box_w, y_of(med))], fill="black", width=2)
+            for o in v[(v < lo) | (v > hi)]:
+                draw.ellipse([xc - 2, y_of(o) - 2, xc + 2, y_of(o) + 2], outline="black")
+            m = y_of(float(v.mean()))
+            draw.line([(xc - 4, m - 4), (xc + 4, m + 4)], fill="black")
+            draw.line([(xc - 4, m + 4), (xc + 4, m - 4)], fill="black")
+        label = name if len(name) <= 12 else name[:11] + "…"
+        draw.text((x0 - 4, top + height + 8 + (i % 2) * 14), label, fill="black")
+    with atomic_path(path, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")

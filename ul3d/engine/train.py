@@ -112,7 +112,12 @@ def split_cases(spec: DatasetSpec, config: dict) -> tuple[list[dict], list[dict]
         n_val = max(1, round(frac * len(items))) if frac > 0 and len(items) > 1 else 0
         order = np.random.default_rng(int(get(config, "train.seed", 0))).permutation(len(items))
         val_ids = [ids[i] for i in sorted(order[:n_val])]
-    train_items = [it for it in items if it["id"] not in set(val_ids)]
+    train_ids = get(config, "data.train_cases")  # e.g. a cross-validation fold; default: every non-validation case
+    if train_ids:
+        unknown = sorted(set(train_ids) - set(ids))
+        if unknown:
+            raise ConfigError(f"data.train_cases names cases not in {spec.root}: {unknown}")
+    train_items = [it for it in items if it["id"] not in set(val_ids) and (not train_ids or it["id"] in set(train_ids))]
     val_items = [it for it in items if it["id"] in set(val_ids)]
     if not train_items:
         raise ConfigError(f"no training cases left in {spec.root} after holding out {len(val_items)} for validation")
