@@ -152,7 +152,8 @@ def _parallel(folds: Sequence[int], gpus: Sequence[str], out: Path, data: Path, 
             log = open(out / f"fold_{k}.log", "a")
             cmd = [sys.executable, "-m", "ul3d", "cv", "--config", str(config_path), "--data", str(data),
                    "--out", str(out), "--fold", str(k), "--device", "cuda", "--no-report"]
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+            threads = str(max(1, (os.cpu_count() or 2) // len(gpus)))  # share the CPU between concurrent folds
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
             running[k] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), gpu, log)
             print(f"[ul3d cv] fold {k} started on GPU {gpu} (log: {out / f'fold_{k}.log'})")
         time.sleep(2)
