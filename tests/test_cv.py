@@ -126,3 +126,11 @@ def test_bad_input_fails_before_training(tmp_path, capsys):
     assert "x" in err and "duplicate" in err.lower()
     for d in ("a", "b", "c"):
         assert not (tmp_path / d / "fold_0").exists()  # nothing trained
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ul3d.cv", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--splits" in out and "--gpus" in out and "--fold" in out

@@ -215,6 +215,8 @@ def run_cv(
         unfinished = [k for k in todo if not (out / f"fold_{k}" / "validation" / "summary.json").exists()]
         _parallel(unfinished, gpus, out, data, config_path)
     else:
+        if gpus and len(gpus) == 1:
+            device = f"cuda:{gpus[0]}"
         for k in todo:
             _run_fold(k, split_list[k], spec, config, data, out, device)
     done = all((out / f"fold_{k}" / "validation" / "summary.json").exists() for k in range(len(split_list)))
