@@ -31,7 +31,7 @@ def collect() -> dict[str, list[dict]]:
         net = UltraLightUNet(2, 3, 1, channels=ch)
         out["2d"].append(_row(f"UltraLightUNet-{v}", count_parameters(net), _macs(net, (1, 3, 256, 256)), *ULTRALIGHTUNET_2D[v]))
         ds = UltraLightUNet(2, 3, 1, channels=ch, deep_supervision=True)
-        out["2d"].append(_row(f"  + released aux heads", count_parameters(ds), _macs(ds, (1, 3, 256, 256), True), *RELEASED_2D[v]))
+        out["2d"].append(_row("  + released aux heads", count_parameters(ds), _macs(ds, (1, 3, 256, 256), True), *RELEASED_2D[v]))
         net3 = UltraLightUNet(3, 1, 1, channels=ch)
         macs3 = _macs(UltraLightUNet(3, 3, 1, channels=ch), (1, 3, 96, 96, 96))
         out["3d"].append(_row(f"UltraLightUNet3D-{v}", count_parameters(net3), macs3, *ULTRALIGHTUNET_3D[v]))

@@ -15,7 +15,6 @@ import math
 import random
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
