@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ul3d.networks import build_network
+from ul3d.networks.fast import fold_batchnorm
 from ul3d.profiling import profile_model
 
 GPU_NETWORKS = ["ultralightunet:T", "ultralightunet:S", "ultralightunet:base", "ultralightunet:M", "ultralightunet:L",
@@ -29,9 +30,15 @@ CPU_NETWORKS = ["ultralightunet:T", "ultralightunet:S", "ultralightunet:base", "
 ROI = (96, 96, 96)
 
 
-def _net(spec: str, device: torch.device) -> torch.nn.Module:
+FOLD_BN = False
+
+
+def _net(spec: str, device: torch.device, inference: bool = False) -> torch.nn.Module:
     name, _, variant = spec.partition(":")
-    return build_network(name, variant or None, spatial_dims=3, in_channels=1, out_channels=3, roi_size=ROI).to(device)
+    net = build_network(name, variant or None, spatial_dims=3, in_channels=1, out_channels=3, roi_size=ROI)
+    if inference and FOLD_BN:
+        net = fold_batchnorm(net)
+    return net.to(device)
 
 
 def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
@@ -78,7 +85,7 @@ def train_step(spec: str, device: torch.device, dtype: torch.dtype | None, iters
 
 @torch.no_grad()
 def inference(spec: str, device: torch.device, iters: int) -> float:
-    net = _net(spec, device).eval()
+    net = _net(spec, device, inference=True).eval()
     x = torch.randn(4, 1, *ROI, device=device)
 
     def run():
@@ -92,7 +99,7 @@ def inference(spec: str, device: torch.device, iters: int) -> float:
 def sliding_window(spec: str, device: torch.device, shape, overlap: float, iters: int) -> float:
     from monai.inferers import sliding_window_inference
 
-    net = _net(spec, device).eval()
+    net = _net(spec, device, inference=True).eval()
     vol = torch.randn(1, 1, *shape, device=device)
 
     def run():
@@ -108,7 +115,10 @@ def main() -> None:
     ap.add_argument("--networks", nargs="+", default=None)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--fold-bn", action="store_true", help="inference measurements with BatchNorm folded into convs")
     args = ap.parse_args()
+    global FOLD_BN
+    FOLD_BN = args.fold_bn
     device = torch.device(args.device)
     specs = args.networks or (GPU_NETWORKS if device.type == "cuda" else CPU_NETWORKS)
     if device.type == "cpu":
@@ -129,7 +139,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     ref = next((r for r in rows if r["network"] == "unet"), None)
     keys = [k for k in rows[0] if k not in ("network", "params", "gmacs")]
-    lines = [f"Device: {name}; torch {torch.__version__}; {dt.date.today()}", "",
+    lines = [f"Device: {name}; torch {torch.__version__}; {dt.date.today()}{'; BatchNorm folded for inference' if FOLD_BN else ''}", "",
              "| network | params M | GMACs | " + " | ".join(keys) + " |", "|---|---:|---:|" + "---:|" * len(keys)]
     for r in rows:
         cells = []
@@ -143,10 +153,10 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if device.type == "cuda" else "cpu"
+    tag = ("cuda" if device.type == "cuda" else "cpu") + ("_foldbn" if FOLD_BN else "")
     path = out / f"networks_{tag}_{dt.date.today()}.json"
     path.write_text(json.dumps({"device": name, "date": str(dt.date.today()), "torch": torch.__version__,
-                                "monai": monai.__version__, "settings": {"roi": ROI, "train_batch": 2, "classes": 3},
+                                "monai": monai.__version__, "settings": {"roi": ROI, "train_batch": 2, "classes": 3, "fold_bn": FOLD_BN},
                                 "rows": rows, "table": table}, indent=1))
     print(f"wrote {path}")
 
