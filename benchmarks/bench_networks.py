@@ -79,7 +79,6 @@ def train_step(spec: str, device: torch.device, dtype: torch.dtype | None, iters
         torch.cuda.reset_peak_memory_stats(device)
     sec = _timed(step, device, 3, iters)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    del net, opt
     return sec, peak
 
 
