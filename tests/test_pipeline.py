@@ -79,12 +79,7 @@ def test_train_predict_evaluate_every_layout(layout, tmp_path, capsys):
     ref_dir.mkdir()
     for item in labelled:  # references in the trained label space (BTCV 8-organ: remapped)
         ref = nib.load(item["label"])
-        lab = np.asarray(ref.dataobj).astype(np.uint8)
-        if spec.label_map:
-            lut = np.zeros(256, np.uint8)
-            for src_value, dst in spec.label_map.items():
-                lut[src_value] = dst
-            lab = lut[lab]
+        lab = spec.remap_labels(np.asarray(ref.dataobj)).astype(np.uint8)
         nib.save(nib.Nifti1Image(lab, ref.affine), str(ref_dir / pred_name(item)))
     assert main(["evaluate", "--pred", str(pred_dir), "--ref", str(ref_dir)]) == 0
     summary = json.loads((pred_dir / "summary.json").read_text())

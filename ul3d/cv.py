@@ -114,10 +114,7 @@ def _write_reference(item: dict, spec: DatasetSpec, out: Path) -> None:
             tmp.write_bytes(data)
         return
     labels, _ = read_array(item["label"])
-    lut = np.zeros(int(max(spec.label_map)) + 1, dtype=np.uint8)
-    for src, dst in spec.label_map.items():
-        lut[src] = dst
-    write_like(lut[labels.astype(np.int64)], item["label"], target, dtype=np.uint8)
+    write_like(spec.remap_labels(labels), item["label"], target, dtype=np.uint8)
 
 
 def _run_fold(k: int, split: dict, spec: DatasetSpec, config: dict, data: Path, out: Path, device: str | None) -> None:
@@ -130,7 +127,7 @@ def _run_fold(k: int, split: dict, spec: DatasetSpec, config: dict, data: Path, 
     cfg.setdefault("data", {})["val_cases"] = list(split["val"])
     cfg["data"]["train_cases"] = list(split["train"])
     print(f"[ul3d cv] fold {k}: {len(split['train'])} training / {len(split['val'])} validation cases")
-    result = train(cfg, data, fold_dir, resume=True, device=device)
+    result = train(cfg, data, fold_dir, resume=True, device=device, validate=False)  # run_cv validated once
     by_id = {it["id"]: it for it in spec.training}
     pred_dir, gt_dir = fold_dir / "validation", fold_dir / "gt"
     predictor = Predictor([result.last_checkpoint], device=device)
@@ -196,8 +193,6 @@ def run_cv(
         split_list = load_splits(split_file, ids)
     else:
         split_list = kfold_splits(ids, folds)
-    if splits is None and not split_file.exists() and len(split_list) != folds:
-        raise CVError(f"expected {folds} folds, the splits have {len(split_list)}")
     channels = get(config, "data.channels") or spec.num_channels
     validate_dataset(spec, expected_channels=int(channels))  # every case, once, before any training
     out.mkdir(parents=True, exist_ok=True)

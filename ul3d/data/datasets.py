@@ -96,6 +96,17 @@ class DatasetSpec:
     source_labels: list[int] | None = None
     file_ending: str = ".nii.gz"
 
+    def remap_labels(self, labels):
+        """Label values of a label-file array in the trained label space (``label_map`` applied; unchanged without one)."""
+        import numpy as np
+
+        if not self.label_map:
+            return labels
+        lut = np.zeros(int(max(self.label_map)) + 1, dtype=np.uint8)
+        for src, dst in self.label_map.items():
+            lut[src] = dst
+        return lut[np.asarray(labels).astype(np.int64)]
+
     @property
     def num_channels(self) -> int:
         """Number of input channels."""

@@ -36,6 +36,7 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from monai.networks.utils import one_hot
 
+from ul3d.data import io as image_io
 from ul3d.data.io import IMAGE_SUFFIXES, read_array, read_header
 from ul3d.utils import atomic_path
 
@@ -196,13 +197,10 @@ def evaluate_case(
 
 def _split_case_id(name: str) -> tuple[str, str] | None:
     """``(case_id, extension)`` of a supported image file name, else ``None`` (hidden files included)."""
-    if name.startswith("."):
+    suffix = image_io.image_suffix(name)
+    if name.startswith(".") or suffix not in SUPPORTED_EXTENSIONS:
         return None
-    lower = name.lower()
-    for ext in SUPPORTED_EXTENSIONS:
-        if lower.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)], ext
-    return None
+    return image_io.case_id(name), suffix
 
 
 def _list_cases(folder: Path, role: str) -> dict[str, Path]:

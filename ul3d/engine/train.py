@@ -200,6 +200,7 @@ def train(
     resume: bool = False,
     device: str | None = None,
     quiet: bool = False,
+    validate: bool = True,
 ) -> TrainResult:
     """Train on the dataset at ``data`` (any layout :func:`ul3d.data.datasets.load_dataset` reads).
 
@@ -210,6 +211,8 @@ def train(
         resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
         device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
         quiet: no progress bar.
+        validate: check every case (:func:`~ul3d.data.validation.validate_dataset`) first; callers that
+            already did (cross-validation) pass False so the images are not read again for every fold.
     """
     import yaml
 
@@ -222,7 +225,8 @@ def train(
     protocol = get(config, "data.protocol")
     spec = load_dataset(data, layout=get(config, "data.layout"), **({"protocol": protocol} if protocol else {}))
     channels = get(config, "data.channels") or spec.num_channels
-    validate_dataset(spec, expected_channels=int(channels))
+    if validate:
+        validate_dataset(spec, expected_channels=int(channels))
     classes = list(spec.class_names)
     train_items, val_items = split_cases(spec, config)
 
