@@ -3,6 +3,19 @@
     python benchmarks/bench_networks.py                  # CUDA: training step (bf16 autocast and fp32),
                                                          # peak memory, inference patches/s, sliding window
     python benchmarks/bench_networks.py --device cpu     # CPU sliding window (192×192×96, overlap 0.25)
+    python benchmarks/bench_networks.py --levers         # issue 7: every speed lever on ULUNet base/T vs UNet
+    python benchmarks/bench_networks.py --levers fused fused+compile --quick
+
+Levers (``--levers``; names joined with ``+``): ``plain``; ``cl`` channels_last(_3d) parameters and inputs; ``fused``
+fused MKDC (``ul3d.networks.fast.accelerate``); ``pad1`` fused with the 1×1 branch as a zero-padded tap instead of a
+per-channel scale; ``recompute`` fused MKDC recomputed in backward (less memory); ``foldbn`` BatchNorm folded for
+inference; ``compile`` torch.compile (default mode); ``maxautotune`` mode="max-autotune-no-cudagraphs"; ``cudagraphs``
+mode="reduce-overhead" (CUDA graphs); ``ort`` ONNX Runtime (inference only); ``threads1`` one CPU thread. On CUDA each
+lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
+bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
+full sw batch (no recompilation for a new shape). ``min_gb`` is the activation traffic a training step cannot avoid:
+every leaf module's output of the plain network written once in forward and read once in backward, in bf16;
+``bw_frac`` is ``min_gb`` / step time over the GPU's memory bandwidth.
 
 Settings (issue 7): 1 input channel, 3 classes; training batch 2 at 96³ with AdamW + DiceCELoss; inference
 batches of 4 patches; sliding window over 256×256×128 at overlap 0.5 (sw batch 4) on the GPU. Prints a markdown
@@ -21,12 +34,23 @@ from pathlib import Path
 import torch
 
 from ul3d.networks import build_network
-from ul3d.networks.fast import fold_batchnorm
+from ul3d.networks.fast import accelerate, fold_batchnorm
 from ul3d.profiling import profile_model
 
 GPU_NETWORKS = ["ultralightunet:T", "ultralightunet:S", "ultralightunet:base", "ultralightunet:M", "ultralightunet:L",
                 "aulunet", "unet", "segresnet", "swinunetr", "unetr", "dynunet"]
 CPU_NETWORKS = ["ultralightunet:T", "ultralightunet:S", "ultralightunet:base", "unet"]
+LEVER_NETWORKS = ["ultralightunet:base", "ultralightunet:T", "unet"]
+GPU_LEVERS = ["plain", "cl", "fused", "fused+cl", "fused+recompute", "compile", "fused+compile", "fused+compile+cl",
+              "fused+cudagraphs"]
+GPU_LEVERS_OPTIONAL = ["pad1", "maxautotune", "fused+maxautotune"]
+CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldbn", "threads1", "fused+threads1",
+              "compile", "fused+compile", "ort", "fused+ort"]
+UNET_LEVERS = ["plain", "cl", "compile"]  # levers that apply to MONAI's UNet (no MKDC)
+TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1"}
+BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
+             ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
+             ("A10", 0.6e12), ("L4", 0.3e12)]  # bytes/s, matched in this order against the device name
 ROI = (96, 96, 96)
 
 
@@ -108,6 +132,250 @@ def sliding_window(spec: str, device: torch.device, shape, overlap: float, iters
     return _timed(run, device, 1, iters)
 
 
+# --- issue 7: speed levers ------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _tokens(lever: str) -> set[str]:
+    toks = set(lever.split("+"))
+    bad = toks - TOKENS
+    if bad:
+        raise SystemExit(f"unknown lever token(s) {sorted(bad)} in {lever!r}; known: {sorted(TOKENS)}")
+    return toks - {"plain"}
+
+
+def _lever_net(spec: str, device: torch.device, toks: set[str], inference: bool) -> torch.nn.Module:
+    name, _, variant = spec.partition(":")
+    net = build_network(name, variant or None, spatial_dims=3, in_channels=1, out_channels=3, roi_size=ROI)
+    net = accelerate(net.train(not inference), fused_mkdc=bool(toks & {"fused", "pad1", "recompute"}),
+                     unit_scale="pad1" not in toks, recompute="recompute" in toks,
+                     fold_bn=inference and "foldbn" in toks, channels_last="cl" in toks)
+    return net.to(device).train(not inference)
+
+
+def _compile_mode(toks: set[str]) -> str | None:
+    if "cudagraphs" in toks:
+        return "reduce-overhead"
+    if "maxautotune" in toks:
+        return "max-autotune-no-cudagraphs"
+    return "default" if "compile" in toks else None
+
+
+def _fmt(x: torch.Tensor, toks: set[str]) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last_3d) if "cl" in toks else x
+
+
+def lever_train(spec: str, device: torch.device, toks: set[str], iters: int) -> dict:
+    """Training step (bf16 autocast on CUDA, fp32 on CPU), batch 2, AdamW + DiceCELoss."""
+    from monai.losses import DiceCELoss
+
+    net = _lever_net(spec, device, toks, inference=False)
+    mode = _compile_mode(toks)
+    fwd = torch.compile(net, mode=mode) if mode else net
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    x = _fmt(torch.randn(2, 1, *ROI, device=device), toks)
+    y = torch.randint(0, 3, (2, 1, *ROI), device=device).float()
+    cuda = device.type == "cuda"
+
+    def step():
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = loss_fn(fwd(x), y)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    step()  # first step: compilation / cuDNN autotuning
+    if cuda:
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    sec = _timed(step, device, 2, iters)
+    out = {"train_ms": sec * 1e3, "warmup_s": first}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+class _OrtPredictor:
+    """Sliding-window predictor running an ONNX export of the network in ONNX Runtime."""
+
+    def __init__(self, net: torch.nn.Module, threads: int) -> None:
+        import tempfile
+
+        import onnxruntime as ort
+
+        from ul3d.networks.export import export_onnx
+
+        path = Path(tempfile.mkdtemp()) / "net.onnx"
+        export_onnx(net.cpu().eval(), torch.randn(1, 1, *ROI), path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"image": x.float().contiguous().numpy()})[0])
+
+
+def _padded(net, batch: int):
+    """Call ``net`` on full batches only (a compiled graph is not recompiled for the last, smaller batch)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n < batch:
+            x = torch.cat([x, x.new_zeros(batch - n, *x.shape[1:])])
+        return net(x)[:n]
+
+    return run
+
+
+@torch.no_grad()
+def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape, overlap: float, iters: int) -> dict:
+    from monai.inferers import sliding_window_inference
+
+    net = _lever_net(spec, device, toks, inference=True)
+    mode = _compile_mode(toks)
+    if "ort" in toks:
+        predictor = _OrtPredictor(net, torch.get_num_threads())
+    elif mode:
+        predictor = _padded(torch.compile(net, mode=mode), 4)
+    else:
+        predictor = net
+    vol = _fmt(torch.randn(1, 1, *shape, device=device), toks)
+
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            sliding_window_inference(vol, ROI, 4, predictor, overlap=overlap, mode="gaussian")
+
+    t0 = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    return {"sw_s": _timed(run, device, 0, iters), "sw_first_s": first}
+
+
+@torch.no_grad()
+def activation_bytes(spec: str) -> float:
+    """Bytes (bf16) of every leaf module's output in one plain forward at batch 2, 96³.
+
+    Measured at batch 1, 32³ on the CPU and scaled by 2·27: every feature map of these networks scales exactly
+    (96 and 32 halve cleanly five times)."""
+    net = _lever_net(spec, torch.device("cpu"), set(), inference=True)  # eval: batch 1 with BatchNorm
+    total = [0]
+
+    def hook(_m, _i, out):
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, torch.Tensor):
+                total[0] += t.numel()
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
+    net(torch.randn(1, 1, 32, 32, 32))
+    for h in handles:
+        h.remove()
+    return total[0] * 2 * 2 * 27.0
+
+
+def _bandwidth(name: str) -> float | None:
+    return next((bw for key, bw in BANDWIDTH if key in name), None)
+
+
+def run_levers(args, device: torch.device, name: str) -> None:
+    cuda = device.type == "cuda"
+    levers = args.levers or (GPU_LEVERS if cuda else CPU_LEVERS)
+    if args.levers == ["all"]:
+        levers = GPU_LEVERS + GPU_LEVERS_OPTIONAL if cuda else CPU_LEVERS
+    for lever in levers:
+        _tokens(lever)
+    specs = args.networks or LEVER_NETWORKS
+    iters = args.iters if args.iters_given else (5 if args.quick else 10 if cuda else 1)
+    sw_iters = 1 if (args.quick or not cuda) else 2
+    shape, overlap = ((256, 256, 128), 0.5) if cuda else ((192, 192, 96), 0.25)
+    bw = _bandwidth(name) if cuda else None
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    _log(f"device {name}; levers {levers}; networks {specs}; budget {args.budget_s:.0f}s")
+    rows = []
+    for spec in specs:
+        act = activation_bytes(spec) if cuda else None
+        for lever in levers:
+            toks = _tokens(lever)
+            if spec == "unet" and lever not in UNET_LEVERS:
+                continue
+            if "ort" in toks and cuda:
+                continue
+            compiled = _compile_mode(toks) is not None
+            elapsed = time.perf_counter() - start
+            if compiled and elapsed > args.budget_s:
+                _log(f"skip {spec} {lever}: {elapsed:.0f}s elapsed > budget {args.budget_s:.0f}s")
+                continue
+            row = {"network": spec, "lever": lever}
+            _log(f"{spec} {lever} ...")
+            try:
+                if "threads1" in toks:
+                    torch.set_num_threads(1)
+                if cuda and "ort" not in toks:
+                    row.update(lever_train(spec, device, toks, iters))
+                    if act is not None:
+                        row["min_gb"] = act * 2 / 1e9  # written in forward + read in backward
+                        if bw:
+                            row["bw_frac"] = row["min_gb"] * 1e9 / (row["train_ms"] / 1e3) / bw
+                if not (args.quick and cuda and compiled and "cudagraphs" in toks):
+                    row.update(lever_sliding_window(spec, device, toks, shape, overlap, sw_iters))
+            except Exception as e:  # noqa: BLE001 - a lever that fails is reported, the run goes on
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            finally:
+                torch.set_num_threads(threads)
+                if compiled:
+                    torch._dynamo.reset()
+                if cuda:
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            _log(json.dumps(row))
+    ref = next((r for r in rows if r["network"] == "unet" and r["lever"] == "plain"), None)
+    keys = [k for k in ("train_ms", "peak_gib", "sw_s", "min_gb", "bw_frac", "warmup_s", "sw_first_s")
+            if any(k in r for r in rows)]
+    ratio_keys = {"train_ms", "peak_gib", "sw_s"}
+    lines = [f"Device: {name}; torch {torch.__version__}; {args.date}; levers (issue 7); ratios to MONAI UNet plain", "",
+             "| network | lever | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            if k not in r:
+                cells.append("—")
+                continue
+            ratio = f" ({r[k] / ref[k]:.2f}×)" if k in ratio_keys and ref and ref.get(k) else ""
+            cells.append(f"{r[k]:.3g}{ratio}")
+        err = f" ({r['error']})" if "error" in r else ""
+        lines.append(f"| {r['network']} | {r['lever']}{err} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table, flush=True)
+    import monai
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cuda_" + name.split()[1].lower() if cuda and len(name.split()) > 1 else "cpu_2core" if not cuda else "cuda"
+    if not cuda and threads != 2:
+        tag = f"cpu_{threads}thread"
+    path = out / f"levers_{tag}_{args.date}{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps({"device": name, "date": args.date, "torch": torch.__version__, "monai": monai.__version__,
+                                "settings": {"roi": ROI, "train_batch": 2, "classes": 3, "sw_shape": shape,
+                                             "overlap": overlap, "sw_batch": 4, "iters": iters, "sw_iters": sw_iters,
+                                             "bandwidth_Bps": bw},
+                                "rows": rows, "table": table, "seconds": time.perf_counter() - start}, indent=1))
+    _log(f"wrote {path} after {time.perf_counter() - start:.0f}s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,14 +383,24 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--fold-bn", action="store_true", help="inference measurements with BatchNorm folded into convs")
+    ap.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
+                    help="issue 7: measure speed levers (no names: the device's default set; 'all': with optional ones)")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (levers)")
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="levers: skip compiled levers once this many seconds have passed (default 240)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 on CPU)")
+    ap.add_argument("--date", default=str(dt.date.today()), help="date in the result file name")
     args = ap.parse_args()
+    args.iters_given = any(a.startswith("--iters") for a in __import__("sys").argv[1:])
     global FOLD_BN
     FOLD_BN = args.fold_bn
     device = torch.device(args.device)
     specs = args.networks or (GPU_NETWORKS if device.type == "cuda" else CPU_NETWORKS)
     if device.type == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+        torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if args.levers is not None:
+        return run_levers(args, device, name)
     rows = []
     for spec in specs:
         prof = profile_model(spec, _net(spec, torch.device("cpu")), (1, 1, *ROI))

@@ -38,3 +38,185 @@ def test_fold_batchnorm_leaves_instance_norm_alone():
     x = torch.randn(1, 1, 64, 64, 64)  # instance norm needs > 1 voxel at the 1/32 bottleneck
     with torch.no_grad():
         assert torch.allclose(net(x), fast(x), atol=1e-5)
+
+
+# --- fused MKDC (issue 7) --------------------------------------------------------------------------------------------
+
+import copy
+
+from ul3d.networks.blocks.multikernel import MKDC, MKIR
+from ul3d.networks.fast import accelerate, fused_mkdc_count, plain
+from ul3d.networks.nets.ultralightunet import ULTRALIGHTUNET_VARIANTS
+
+
+@torch.no_grad()
+def _bounded_init(module):
+    """Weights bounded away from 0 (|w| in [0.5, 1]/sqrt(fan-in)): a conv followed by BatchNorm has gradients
+    ∝ 1/|w|, so a near-zero init weight would turn fp32 rounding into a >1e-4 "difference"."""
+    for p in module.parameters():
+        fan_in = p[0].numel() if p.dim() > 1 else 1
+        p.copy_(torch.sign(torch.randn_like(p)) * torch.empty_like(p).uniform_(0.5, 1.0) / fan_in**0.5)
+    return module
+
+
+def _pair(module, **flags):
+    """(plain, fused) copies of ``module`` with identical parameters and buffers."""
+    _bounded_init(module)
+    fused = accelerate(copy.deepcopy(module), **flags)
+    return module, fused
+
+
+def _compare(ref_mod, fast_mod, shape, train):
+    ref_mod.train(train)
+    fast_mod.train(train)
+    for _ in range(2):  # twice: the running statistics must evolve identically
+        x = torch.randn(shape) * 2 + 0.5
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref, out = ref_mod(x1), fast_mod(x2)
+        assert ref.abs().max() > 1e-2
+        assert (ref - out).abs().max() <= 1e-4
+        g = torch.randn_like(ref)
+        ref.backward(g)
+        out.backward(g)
+        assert (x1.grad - x2.grad).abs().max() <= 1e-4
+        for (name, p), q in zip(ref_mod.named_parameters(), fast_mod.parameters()):
+            assert p.grad is not None and q.grad is not None, name
+            assert (p.grad - q.grad).abs().max() <= 1e-4, name
+        ref_mod.zero_grad()
+        fast_mod.zero_grad()
+    for (name, b), c in zip(ref_mod.named_buffers(), fast_mod.buffers()):
+        assert torch.equal(b, c) if not b.is_floating_point() else (b - c).abs().max() <= 1e-5, name
+    assert ref_mod.state_dict().keys() == fast_mod.state_dict().keys()
+
+
+@pytest.mark.parametrize("kernels", [(1, 3, 5), (3,), (1, 3, 5, 7)])
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("unit_scale", [True, False])
+def test_fused_mkdc_is_the_same_function(kernels, dims, train, unit_scale):
+    ref, fast = _pair(MKDC(dims, 6, kernels=kernels, shuffle_groups=2), unit_scale=unit_scale)
+    assert fast.fused and not ref.fused and fast.fused_unsupported() is None
+    _compare(ref, fast, (2, 6) + (7,) * dims, train)
+
+
+@pytest.mark.parametrize("norm", ["instance", ("instance", {"affine": True}), ("batch", {"momentum": None})])
+def test_fused_mkdc_other_norms(norm):
+    ref, fast = _pair(MKDC(3, 4, kernels=(1, 3, 5), norm=norm))
+    assert fast.fused_unsupported() is None
+    _compare(ref, fast, (2, 4, 6, 6, 6), True)
+
+
+def test_fused_mkdc_recompute_saves_nothing_extra_and_updates_stats_once():
+    ref, fast = _pair(MKIR(3, 4, 8, kernels=(1, 3, 5)), recompute=True)
+    _compare(ref, fast, (2, 4, 6, 6, 6), True)
+    assert int(fast.mkdc.branches[0].adn.N.num_batches_tracked) == 2
+
+
+def test_unsupported_configurations_fall_back_to_plain():
+    for block in (MKDC(3, 4, parallel=False), MKDC(3, 4, act="gelu"),
+                  MKDC(3, 4, norm=("instance", {"track_running_stats": True}))):
+        ref, fast = _pair(block)
+        assert fast.fused and fast.fused_unsupported() is not None
+        _compare(ref, fast, (2, 4, 6, 6, 6), True)
+
+
+@pytest.mark.parametrize("variant", list(ULTRALIGHTUNET_VARIANTS))
+def test_accelerate_keeps_parameters_and_keys(variant):
+    net = get_network("ultralightunet", variant, spatial_dims=3, in_channels=1, out_channels=3)
+    keys, count = list(net.state_dict()), sum(p.numel() for p in net.parameters())
+    fast = accelerate(net, copy_model=True, channels_last=True)
+    assert list(fast.state_dict()) == keys and sum(p.numel() for p in fast.parameters()) == count
+    n_fused, n_all = fused_mkdc_count(fast)
+    assert n_fused == n_all > 0 and fused_mkdc_count(net)[0] == 0
+    fast.load_state_dict(net.state_dict())  # checkpoints load both ways
+    net.load_state_dict(fast.state_dict())
+    assert fused_mkdc_count(plain(fast))[0] == 0
+
+
+@pytest.mark.parametrize("dims,train", [(3, True), (3, False), (2, True)])
+def test_fused_network_is_the_same_function(dims, train):
+    """Whole network. In training the 1/32 bottleneck holds 1 voxel × batch 2, so its BatchNorm amplifies rounding:
+    even plain fp32 differs from plain fp64 by ~1e-4 there. Training is compared in fp64 (tight), eval in fp32."""
+    torch.manual_seed(0)
+    dtype, tol = (torch.float64, 1e-8) if train else (torch.float32, 1e-4)
+    net = _bounded_init(get_network("ultralightunet", "T", spatial_dims=dims, in_channels=1, out_channels=3))
+    if not train:
+        net = _with_statistics(net, (2, 1) + (32,) * dims)
+    net = net.to(dtype)
+    fast = accelerate(copy.deepcopy(net))
+    net.train(train)
+    fast.train(train)
+    x = torch.randn((2, 1) + (32,) * dims, dtype=dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref, out = net(x1), fast(x2)
+    assert (ref - out).abs().max() <= tol
+    ref.square().mean().backward()
+    out.square().mean().backward()
+    assert (x1.grad - x2.grad).abs().max() <= tol
+    for (name, p), q in zip(net.named_parameters(), fast.parameters()):
+        assert (p.grad - q.grad).abs().max() <= tol, name
+    for (name, b), c in zip(net.named_buffers(), fast.buffers()):
+        assert torch.allclose(b.double(), c.double(), atol=tol), name
+
+
+def test_channels_last_fused_network_matches():
+    torch.manual_seed(0)
+    net = _with_statistics(get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3,
+                                       init="default"), (2, 1, 32, 32, 32))
+    fast = accelerate(copy.deepcopy(net), channels_last=True)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ref, out = net(x), fast(x.to(memory_format=torch.channels_last_3d))
+    assert (ref - out).abs().max() <= 1e-4
+
+
+def test_fused_mkdc_after_fold_batchnorm():
+    torch.manual_seed(0)
+    net = _with_statistics(_bounded_init(MKIR(3, 4, 8, kernels=(1, 3, 5))), (2, 4, 6, 6, 6))
+    folded = fold_batchnorm(net)
+    fast = accelerate(net, fold_bn=True)
+    assert fast.mkdc.fused and fast.mkdc.fused_unsupported() is None
+    x = torch.randn(2, 4, 6, 6, 6)
+    with torch.no_grad():
+        ref, a, b = net(x), folded(x), fast(x)
+    assert (ref - a).abs().max() <= 1e-4 and (ref - b).abs().max() <= 1e-4
+
+
+# --- ul3d predict picks a fast path with the plain path's output ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prostate_checkpoint(tmp_path_factory):
+    from ul3d.config import load_config
+    from ul3d.data.synth import write_synthetic
+    from ul3d.engine.train import train
+
+    tmp = tmp_path_factory.mktemp("fastpath")
+    data = write_synthetic("msd-prostate", tmp / "data", n_cases=2, seed=5)
+    cfg = load_config("prostate", ["network.variant=T", "train.roi_size=[32,32,32]", "train.iterations=2",
+                                   "train.val_interval=2", "train.num_samples=2", "data.num_workers=0",
+                                   "infer.sw_batch_size=2", "infer.overlap=0.25", "data.spacing=[1.2,1.2,3.6]"])
+    return data, train(cfg, data, tmp / "run", device="cpu").last_checkpoint
+
+
+def test_predict_default_path_matches_plain(prostate_checkpoint):
+    import numpy as np
+
+    from ul3d.data.datasets import load_dataset
+    from ul3d.engine.infer import Predictor
+
+    data, ckpt = prostate_checkpoint
+    image = load_dataset(data).training[0]["image"]
+    auto, ref = Predictor([ckpt], device="cpu"), Predictor([ckpt], device="cpu", path="plain")
+    assert auto.path == "cpu channels_last + folded BatchNorm" and ref.path == "cpu fp32 plain"
+    assert "path: cpu channels_last" in auto.description
+    (labels, probs), (ref_labels, ref_probs) = auto.predict_file(image), ref.predict_file(image)
+    assert np.abs(probs - ref_probs).max() <= 1e-4
+    for path in ("fused", "onnxruntime"):
+        other = Predictor([ckpt], device="cpu", path=path)
+        assert "fused MKDC" in other.path
+        assert np.abs(other.predict_file(image)[1] - ref_probs).max() <= 1e-4
+    top2 = np.sort(ref_probs, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 1e-3  # argmax is defined up to fp32 rounding only where two classes tie
+    assert clear.mean() > 0.99 and np.array_equal(labels[clear], ref_labels[clear])
+    assert np.array_equal(labels, ref_labels)

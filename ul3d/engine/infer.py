@@ -27,9 +27,37 @@ from ..data.io import IMAGE_SUFFIXES, case_id, image_suffix, write_like
 from ..data.transforms import preprocessing
 from .train import load_checkpoint, network_from_spec
 
-__all__ = ["Predictor", "PredictionReport", "predict_paths", "find_images", "group_cases"]
+__all__ = ["PATHS", "PredictionReport", "Predictor", "find_images", "group_cases", "predict_paths"]
 
 _CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")
+
+# Execution paths of Predictor (issue 7). "auto" picks the fastest measured one for the device (benchmarks/README.md):
+# CUDA: bf16 autocast with the plain modules (the fused MKDC and channels-last measured slower on an H100); CPU:
+# channels-last memory with BatchNorm folded into the convs ("channels_last"). "fused": fused MKDC; "onnxruntime": the
+# fused network exported to ONNX Runtime (CPU); "compile": fused + torch.compile. "plain": fp32 modules as trained.
+PATHS = ("auto", "plain", "fused", "channels_last", "onnxruntime", "compile")
+
+
+class _OnnxRuntimeNet:
+    """A network exported to ONNX (fixed patch size, dynamic batch) and run in ONNX Runtime on the CPU."""
+
+    def __init__(self, net: torch.nn.Module, patch: Sequence[int], in_channels: int) -> None:
+        import tempfile
+
+        import onnxruntime as ort
+
+        from ..networks.export import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "net.onnx"
+            export_onnx(net.eval(), torch.zeros(1, in_channels, *patch), path)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = torch.get_num_threads()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"image": x.float().contiguous().numpy()})[0])
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -82,6 +110,8 @@ class Predictor:
         device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
         overlap, sw_batch_size, mode, roi_size: sliding-window settings; None = the checkpoint config's.
         tta: average over all mirrorings of the spatial axes (8 passes in 3D).
+        path: execution path, one of :data:`PATHS`; None = the config's ``infer.path``, else ``"auto"`` (the fastest
+            measured path for the device). ``"plain"`` runs the fp32 PyTorch modules as trained.
     """
 
     def __init__(
@@ -93,25 +123,27 @@ class Predictor:
         mode: str | None = None,
         roi_size: Sequence[int] | None = None,
         tta: bool = False,
+        path: str | None = None,
     ) -> None:
         if not checkpoints:
             raise ValueError("at least one checkpoint is needed")
+        requested_path = path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ckpts = [load_checkpoint(c) for c in checkpoints]
         first = ckpts[0]
-        for path, c in zip(checkpoints[1:], ckpts[1:]):
+        for ck_path, c in zip(checkpoints[1:], ckpts[1:]):
             if c["class_names"] != first["class_names"] or c["network_spec"]["in_channels"] != first["network_spec"]["in_channels"]:
-                raise ValueError(f"{path}: classes/channels differ from {checkpoints[0]}; cannot ensemble them")
+                raise ValueError(f"{ck_path}: classes/channels differ from {checkpoints[0]}; cannot ensemble them")
         self.config = first["config"]
         self.class_names: list[str] = list(first["class_names"])
         self.in_channels = int(first["network_spec"]["in_channels"])
         self.networks = []
-        for path, c in zip(checkpoints, ckpts):
+        for ck_path, c in zip(checkpoints, ckpts):
             net = network_from_spec(c["network_spec"])
             try:
                 net.load_state_dict(c["network"])
             except RuntimeError as e:
-                raise ValueError(f"{path}: weights do not fit network {c['network_spec']['name']}: {str(e).splitlines()[0]}") from None
+                raise ValueError(f"{ck_path}: weights do not fit network {c['network_spec']['name']}: {str(e).splitlines()[0]}") from None
             self.networks.append(net.to(self.device).eval())
         cfg = self.config
         self.inferer = SlidingWindowInferer(
@@ -121,6 +153,7 @@ class Predictor:
             mode=mode or get(cfg, "infer.mode", "gaussian"),
         )
         self.tta = tta
+        self.path = self._select_path(requested_path or get(cfg, "infer.path", None) or "auto")
         self.preprocess = preprocessing(cfg, with_label=False)
         self.invert = Invertd(keys="pred", transform=self.preprocess, orig_keys="image", nearest_interp=False,
                               to_tensor=True)
@@ -129,7 +162,38 @@ class Predictor:
     def description(self) -> str:
         spec = f"{len(self.networks)} checkpoint(s)"
         return f"{spec} on {self.device.type}, sliding window {tuple(self.inferer.roi_size)}, " \
-               f"overlap {self.inferer.overlap}{', mirror TTA' if self.tta else ''}"
+               f"overlap {self.inferer.overlap}{', mirror TTA' if self.tta else ''}; path: {self.path}"
+
+    def _select_path(self, path: str) -> str:
+        """Set up the execution path; returns its description ("cuda bf16 + fused MKDC", "cpu onnxruntime", ...)."""
+        from ..networks.fast import accelerate, fused_mkdc_count
+
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        cuda = self.device.type == "cuda"
+        self.autocast = cuda and path != "plain"
+        self.predictors: list = list(self.networks)
+        if path == "plain":
+            return f"{self.device.type} fp32 plain"
+        if path == "onnxruntime" and cuda:
+            raise ValueError("path 'onnxruntime' runs on the CPU only; use --device cpu")
+        if path == "auto" and cuda:  # the fused MKDC does not pay on the GPU (benchmarks/README.md): bf16 only
+            return "cuda bf16"
+        if path in ("auto", "channels_last"):  # CPU: oneDNN's channels-last depth-wise convs + BatchNorm folded
+            self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, channels_last=True) for n in self.networks]
+            self.predictors = list(self.networks)
+            return f"{self.device.type}{' bf16' if self.autocast else ''} channels_last + folded BatchNorm"
+        for net in self.networks:
+            accelerate(net)
+        fused = sum(fused_mkdc_count(n)[0] for n in self.networks)
+        what = f"{self.device.type}{' bf16' if self.autocast else ''}" + (" + fused MKDC" if fused else "")
+        if path == "onnxruntime":
+            self.predictors = [_OnnxRuntimeNet(n, self.inferer.roi_size, self.in_channels) for n in self.networks]
+            return f"cpu onnxruntime{' + fused MKDC' if fused else ''}"
+        if path == "compile":
+            self.predictors = [torch.compile(n) for n in self.networks]
+            return f"{what} + torch.compile"
+        return what
 
     @torch.no_grad()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
@@ -138,10 +202,12 @@ class Predictor:
         dims = list(range(2, x.dim()))
         flips = [()] + [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)] if self.tta else [()]
         total = None
-        for net in self.networks:
+        for net in self.predictors:
             for axes in flips:
                 xi = torch.flip(x, axes) if axes else x
-                p = torch.softmax(self.inferer(xi, net).float(), dim=1)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = self.inferer(xi, net)
+                p = torch.softmax(logits.float(), dim=1)
                 p = torch.flip(p, axes) if axes else p
                 total = p if total is None else total + p
         return (total / (len(self.networks) * len(flips)))[0].cpu()

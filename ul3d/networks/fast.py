@@ -1,4 +1,9 @@
-"""Inference fast paths that compute the same function as the plain modules.
+"""Fast paths that compute the same function as the plain modules.
+
+:func:`accelerate` switches every :class:`~ul3d.networks.blocks.MKDC` of a model to its fused forward (one grouped
+depth-wise convolution, one norm and one activation over the stacked branches, for training and inference), and
+optionally moves the model to channels-last memory; parameters and state_dict keys are unchanged, so checkpoints load
+into either form. :func:`plain` switches back.
 
 :func:`fold_batchnorm` folds every eval-mode BatchNorm that follows a convolution inside a MONAI ``Convolution``
 block (conv -> norm -> act) into the convolution's weights and bias: ``y = γ (W x + b − μ) / σ + β``
@@ -14,7 +19,60 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["accelerate", "fold_batchnorm", "fused_mkdc_count", "plain"]
+
+
+def accelerate(
+    model: nn.Module,
+    *,
+    fused_mkdc: bool = True,
+    unit_scale: bool = True,
+    recompute: bool = False,
+    channels_last: bool = False,
+    fold_bn: bool = False,
+    copy_model: bool = False,
+) -> nn.Module:
+    """Switch ``model`` (in place, or a deep copy with ``copy_model=True``) to the fast paths; returns it.
+
+    Args:
+        fused_mkdc: every MKDC whose configuration the fused forward supports (parallel branches, conv -> BatchNorm or
+            InstanceNorm without running stats -> ReLU/ReLU6) uses it; the others keep the plain forward.
+        unit_scale: compute the 1×1 depth-wise branch as a per-channel scale instead of a zero-padded tap of the
+            stacked convolution (fewer MACs, one more small kernel).
+        recompute: in training, recompute the MKDC branch activations in backward instead of saving them (less
+            memory, more compute; running statistics are still updated once).
+        channels_last: ``channels_last_3d`` (3D) / ``channels_last`` (2D) memory format for the parameters; feed
+            inputs in the same format to keep activations there.
+        fold_bn: inference only: fold eval-mode BatchNorm into the convs (:func:`fold_batchnorm`, returns a copy).
+    """
+    from .blocks.multikernel import MKDC
+
+    if fold_bn:
+        model = fold_batchnorm(model)
+    elif copy_model:
+        model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, MKDC):
+            m.fused = bool(fused_mkdc)
+            m.fused_unit_scale = bool(unit_scale)
+            m.fused_recompute = bool(recompute)
+    if channels_last:
+        dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
+        model = model.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)
+    return model
+
+
+def plain(model: nn.Module) -> nn.Module:
+    """Switch every MKDC of ``model`` back to the plain forward (in place); returns the model."""
+    return accelerate(model, fused_mkdc=False)
+
+
+def fused_mkdc_count(model: nn.Module) -> tuple[int, int]:
+    """(MKDCs that run the fused forward, all MKDCs) of ``model``."""
+    from .blocks.multikernel import MKDC
+
+    blocks = [m for m in model.modules() if isinstance(m, MKDC)]
+    return sum(m.fused and m.fused_unsupported() is None for m in blocks), len(blocks)
 
 
 @torch.no_grad()

@@ -10,11 +10,13 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ChannelShuffle", "MKDC", "MKIR", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual"]
+__all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual"]
 
 
 class ChannelShuffle(nn.Module):
@@ -98,8 +100,19 @@ class MKDC(nn.Module):
             for k in kernels
         )
         self.shuffle = ChannelShuffle(shuffle_groups)
+        # Fast path (issue 7), off by default; switched on per instance by ``ul3d.networks.fast.accelerate``. Plain
+        # attributes, not parameters or buffers: the state_dict is the same either way. ``fused_unit_scale``: the 1×1
+        # branch as a per-channel scale instead of a zero-padded centre tap; ``fused_recompute``: in training,
+        # recompute the branch activations in backward instead of saving them.
+        self.fused, self.fused_unit_scale, self.fused_recompute = False, True, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # TorchScript (and exports) always see the plain modules
+            if self.fused and self.fused_unsupported() is None:
+                return self.forward_fused(x)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         out = None
         for branch in self.branches:
             y = branch(x)
@@ -107,6 +120,141 @@ class MKDC(nn.Module):
             if not self.parallel:
                 x = x + y
         return self.shuffle(out)
+
+    @torch.jit.unused
+    def fused_unsupported(self) -> str | None:
+        """Why :meth:`forward_fused` cannot compute this block's function, or None when it can."""
+        if not self.parallel:
+            return "sequential branches"
+        ref = None
+        for branch in self.branches:
+            conv, adn = getattr(branch, "conv", None), getattr(branch, "adn", None)
+            if not isinstance(conv, nn.modules.conv._ConvNd) or adn is None or conv.transposed:
+                return "branch is not conv -> ADN"
+            k = conv.kernel_size[0]
+            if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels \
+                    or any(d != 1 for d in conv.dilation) or set(conv.kernel_size) != {k} \
+                    or tuple(conv.padding) != (k // 2,) * len(conv.kernel_size) or conv.padding_mode != "zeros":
+                return "branch conv is not an undilated, 'same'-padded depth-wise conv"
+            order = [n for n, m in adn.named_children() if not (n == "D" and isinstance(m, nn.Identity))]
+            if order != ["N", "A"]:
+                return f"ADN ordering {order} is not norm -> act"
+            norm, act = adn.N, adn.A
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                kind = "batch"
+            elif isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats:
+                kind = "instance"
+            elif isinstance(norm, nn.Identity):  # e.g. BatchNorm folded into the conv by fold_batchnorm
+                kind = "none"
+            else:
+                return f"norm {type(norm).__name__} is not supported"
+            if not isinstance(act, (nn.ReLU6, nn.ReLU, nn.Hardtanh)):
+                return f"activation {type(act).__name__} is not supported"
+            sig = (kind, type(norm), getattr(norm, "eps", None), getattr(norm, "momentum", None), getattr(norm, "affine", None),
+                   getattr(norm, "track_running_stats", None), norm.training, type(act), repr(act), conv.stride,
+                   conv.bias is None)
+            if ref is not None and sig != ref:
+                return "branches differ in norm/activation/stride"
+            ref = sig
+        return None
+
+    @torch.jit.unused
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as :meth:`forward_plain` with one grouped convolution, one norm and one activation over the
+        stacked branches (plus a per-channel scale for the 1×1 branch when ``fused_unit_scale``).
+
+        The stacked weights are built from the branches' own parameters on every call, so gradients reach them; in
+        training, batch statistics are used and the branches' running statistics are updated exactly as the plain
+        per-branch BatchNorms would.
+        """
+        branches = list(self.branches)
+        norm0 = branches[0].adn.N
+        is_bn = isinstance(norm0, nn.modules.batchnorm._BatchNorm)
+        train_stats = is_bn and norm0.training and norm0.track_running_stats
+        if train_stats:  # num_batches_tracked / momentum bookkeeping of nn.BatchNorm, once per branch
+            for b in branches:
+                if b.adn.N.num_batches_tracked is not None:
+                    b.adn.N.num_batches_tracked.add_(1)
+        groups = [[i for i, b in enumerate(branches) if b.conv.kernel_size[0] == 1],
+                  [i for i, b in enumerate(branches) if b.conv.kernel_size[0] > 1]]
+        if not (self.fused_unit_scale and groups[0] and groups[1]):
+            groups = [list(range(len(branches)))]
+        if self.fused_recompute and norm0.training and torch.is_grad_enabled():
+            calls = [0]
+
+            def run(inp: torch.Tensor) -> torch.Tensor:
+                calls[0] += 1  # the recomputation in backward must not update the running statistics again
+                return self._fused_sum(inp, branches, groups, train_stats, write_back=calls[0] == 1)
+
+            out = checkpoint(run, x, use_reentrant=False)
+        else:
+            out = self._fused_sum(x, branches, groups, train_stats, write_back=True)
+        return self.shuffle(out)
+
+    def _fused_sum(self, x: torch.Tensor, branches: list, groups: list[list[int]], track: bool, write_back: bool
+                   ) -> torch.Tensor:
+        out = None
+        for idx in groups:
+            y = self._fused_group(x, [branches[i] for i in idx], track, write_back)
+            out = y if out is None else out + y
+        return out
+
+    def _fused_group(self, x: torch.Tensor, branches: list, track: bool, write_back: bool) -> torch.Tensor:
+        """Σ_branches act(norm(dwconv_k(x))) for branches computed as one stacked tensor ``(B, C·n, *S)``, channel
+        ``c·n + i`` holding branch ``i`` of channel ``c``."""
+        n, c, dims = len(branches), x.shape[1], x.dim() - 2
+        convs, norms = [b.conv for b in branches], [b.adn.N for b in branches]
+        act = branches[0].adn.A
+        kmax = max(cv.kernel_size[0] for cv in convs)
+        norm0 = norms[0]
+        is_bn = isinstance(norm0, nn.modules.batchnorm._BatchNorm)
+        # BatchNorm in eval mode (or without batch statistics) is affine: fold it into the conv weights and a bias
+        fold = is_bn and not norm0.training and norm0.running_mean is not None
+
+        def stack(ts: list[torch.Tensor]) -> torch.Tensor:  # per-branch (C,) -> (C·n,) in the channel-major order
+            return torch.stack(ts, 1).reshape(-1)
+
+        weights = [cv.weight if cv.kernel_size[0] == kmax else F.pad(cv.weight, [(kmax - cv.kernel_size[0]) // 2] * 2 * dims)
+                   for cv in convs]
+        w = torch.stack(weights, 1).reshape(c * n, 1, *([kmax] * dims))
+        bias = stack([cv.bias for cv in convs]) if convs[0].bias is not None else None
+        if fold:
+            scale = torch.rsqrt(stack([m.running_var for m in norms]) + norm0.eps)
+            shift = ((bias if bias is not None else 0) - stack([m.running_mean for m in norms])) * scale
+            if norm0.affine:
+                gamma = stack([m.weight for m in norms])
+                scale, shift = scale * gamma, shift * gamma + stack([m.bias for m in norms])
+            w = w * scale.reshape(-1, *([1] * (dims + 1)))
+            bias = shift
+        if kmax == 1:  # depth-wise 1×1: a per-channel scale (and shift)
+            lead = (1, c) if n == 1 else (1, c, n)
+            xs = x if n == 1 else x.unsqueeze(2)
+            w_c = w.reshape(*lead, *([1] * dims)).to(x.dtype)
+            y = xs * w_c if bias is None else torch.addcmul(bias.reshape(*lead, *([1] * dims)).to(x.dtype), xs, w_c)
+            y = y if n == 1 else y.flatten(1, 2)
+        else:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+            y = conv(x, w, bias, convs[0].stride, kmax // 2, 1, c)
+        if not fold and not isinstance(norm0, nn.Identity):
+            weight = stack([m.weight for m in norms]) if norm0.affine else None
+            nbias = stack([m.bias for m in norms]) if norm0.affine else None
+            if is_bn:
+                if track:  # running statistics of the stacked channels, written back to the branches once
+                    rm, rv = stack([m.running_mean for m in norms]), stack([m.running_var for m in norms])
+                    momentum = norm0.momentum
+                    if momentum is None:  # cumulative moving average, as nn.BatchNorm
+                        momentum = 1.0 / float(norm0.num_batches_tracked)
+                    y = F.batch_norm(y, rm, rv, weight, nbias, True, momentum, norm0.eps)
+                    with torch.no_grad():
+                        for i, m in enumerate(norms if write_back else ()):
+                            m.running_mean.copy_(rm.view(c, n)[:, i])
+                            m.running_var.copy_(rv.view(c, n)[:, i])
+                else:  # batch statistics without running statistics
+                    y = F.batch_norm(y, None, None, weight, nbias, True, 0.0, norm0.eps)
+            else:
+                y = F.instance_norm(y, None, None, weight, nbias, True, 0.0, norm0.eps)
+        y = act(y)
+        return y if n == 1 else y.unflatten(1, (c, n)).sum(2)
 
 
 class MKIR(nn.Module):
