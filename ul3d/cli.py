@@ -105,6 +105,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=None)
     p.add_argument("--sw-batch-size", type=int, default=None)
     p.add_argument("--tta", action="store_true", help="average over mirrored inputs")
+    p.add_argument("--path", default=None, choices=("auto", "plain", "fused", "channels_last", "onnxruntime", "compile"),
+                   help="execution path (default: the config's infer.path, else auto = fastest for the device)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities (float32, C channels)")
     p.set_defaults(func=_run_predict)
 
@@ -114,7 +116,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     checkpoints = args.checkpoint or _cv_checkpoints(args.cv_dir)
     predictor = Predictor(checkpoints, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                          tta=args.tta)
+                          tta=args.tta, path=args.path)
     print(f"[ul3d predict] {predictor.description}")
     report = predict_paths(predictor, args.input, args.output, args.save_probabilities, progress=sys.stderr.isatty())
     print(f"[ul3d predict] wrote {len(report.written)} prediction(s) to {args.output} in {report.seconds:.1f}s")
@@ -218,6 +220,41 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_bundle(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-bundle", help="package a trained checkpoint as a MONAI bundle (checked before it is written)",
+                       description="Write a MONAI bundle folder (configs for train/inference/evaluate/multi-GPU, "
+                       "metadata, model card, licence, models/model.pt, model.ts via ckpt_export, model.onnx) from a "
+                       "checkpoint of `ul3d train` or `ul3d cv`, run MONAI's checks on it, and only then move it to --out.")
+    p.add_argument("--checkpoint", default=None, help="a ul3d checkpoint (e.g. RUN/checkpoints/last.pt); without it, "
+                   "the template's untrained bundle (train it with its configs/train.json)")
+    p.add_argument("--template", required=True, choices=("prostate", "feta", "btcv", "colin27_aal", "custom"),
+                   help="text and defaults of the bundle; preprocessing, classes and channels come from the checkpoint")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.add_argument("--metrics", default=None, help="a summary.json of `ul3d evaluate` (or the bundle's evaluate.json): "
+                   "its mean Dice and HD95 go into metadata eval_metrics (default: the checkpoint's last validation Dice)")
+    p.add_argument("--no-onnx", action="store_true", help="do not write models/model.onnx")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_run_export_bundle)
+
+
+def _run_export_bundle(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle
+
+    metrics = None
+    if args.metrics:
+        from .bundle.export import metrics_from_summary
+
+        metrics = metrics_from_summary(args.metrics)
+    out = export_bundle(args.checkpoint, args.template, args.out, eval_metrics=metrics, onnx=not args.no_onnx,
+                        force=args.force)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    print(f"[ul3d export-bundle] wrote {out} ({len(files)} files: {', '.join(files)})")
+    print(f"[ul3d export-bundle] checks passed: metadata schema, check_properties (train, inference), "
+          f"verify_net_in_out" + (f", TorchScript{'' if args.no_onnx else ' and ONNX'} outputs = eager" if args.checkpoint else "")
+          )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -231,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_demo(sub)
     _add_cv(sub)
+    _add_export_bundle(sub)
     return parser
 
 
