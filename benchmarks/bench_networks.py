@@ -46,8 +46,9 @@ GPU_LEVERS = ["plain", "cl", "fused", "fused+cl", "fused+recompute", "compile", 
 GPU_LEVERS_OPTIONAL = ["pad1", "maxautotune", "fused+maxautotune"]
 CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldbn", "threads1", "fused+threads1",
               "compile", "fused+compile", "ort", "fused+ort"]
-UNET_LEVERS = ["plain", "cl", "compile"]  # levers that apply to MONAI's UNet (no MKDC)
-TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1"}
+UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench"]  # levers that apply to MONAI's UNet (no MKDC)
+TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
+          "cudnnbench"}
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
              ("A10", 0.6e12), ("L4", 0.3e12)]  # bytes/s, matched in this order against the device name
@@ -324,6 +325,7 @@ def run_levers(args, device: torch.device, name: str) -> None:
             try:
                 if "threads1" in toks:
                     torch.set_num_threads(1)
+                torch.backends.cudnn.benchmark = "cudnnbench" in toks  # cuDNN autotuning of every conv shape
                 if cuda and "ort" not in toks:
                     row.update(lever_train(spec, device, toks, iters))
                     if act is not None:
@@ -335,6 +337,7 @@ def run_levers(args, device: torch.device, name: str) -> None:
             except Exception as e:  # noqa: BLE001 - a lever that fails is reported, the run goes on
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
             finally:
+                torch.backends.cudnn.benchmark = False
                 torch.set_num_threads(threads)
                 if compiled:
                     torch._dynamo.reset()
@@ -376,6 +379,56 @@ def run_levers(args, device: torch.device, name: str) -> None:
     _log(f"wrote {path} after {time.perf_counter() - start:.0f}s")
 
 
+def run_profile(args, device: torch.device, name: str) -> None:
+    """Where one training step's time goes: CUDA kernel time by kernel name (top 15) per network and lever."""
+    from torch.profiler import ProfilerActivity, profile
+
+    levers = args.profile or ["plain"]
+    report = []
+    for spec in args.networks or ["ultralightunet:base", "unet"]:
+        for lever in levers:
+            toks = _tokens(lever)
+            torch.backends.cudnn.benchmark = "cudnnbench" in toks
+            net = _lever_net(spec, device, toks, inference=False)
+            from monai.losses import DiceCELoss
+
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+            x = torch.randn(2, 1, *ROI, device=device)
+            y = torch.randint(0, 3, (2, 1, *ROI), device=device).float()
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = loss_fn(net(x), y)
+                loss.backward()
+                opt.step()
+
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+            total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+            top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:15]
+            rows = [{"kernel": e.key[:120], "ms": getattr(e, "self_device_time_total", 0) / 1e3, "calls": e.count} for e in top]
+            _log(f"{spec} {lever}: {total:.1f} ms of CUDA kernels in one step")
+            for r in rows:
+                print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['kernel']}", flush=True)
+            report.append({"network": spec, "lever": lever, "cuda_ms": total, "top": rows})
+            torch.backends.cudnn.benchmark = False
+            del net, opt
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = name.split()[1].lower() if len(name.split()) > 1 else "cuda"
+    path = out / f"profile_cuda_{tag}_{args.date}.json"
+    path.write_text(json.dumps({"device": name, "date": args.date, "torch": torch.__version__, "profiles": report}, indent=1))
+    _log(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -390,6 +443,9 @@ def main() -> None:
                     help="levers: skip compiled levers once this many seconds have passed (default 240)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 on CPU)")
     ap.add_argument("--date", default=str(dt.date.today()), help="date in the result file name")
+    ap.add_argument("--profile", nargs="*", default=None, metavar="LEVER",
+                    help="CUDA: print the kernels that take the time in one training step of each --networks entry "
+                    "for each lever (default plain), from torch.profiler, and write them to JSON")
     args = ap.parse_args()
     args.iters_given = any(a.startswith("--iters") for a in __import__("sys").argv[1:])
     global FOLD_BN
@@ -399,6 +455,8 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or min(2, torch.get_num_threads()))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if args.profile is not None:
+        return run_profile(args, device, name)
     if args.levers is not None:
         return run_levers(args, device, name)
     rows = []

@@ -156,7 +156,7 @@ def trained_bundle(tmp_path_factory):
 
 
 def test_monai_checks_ckpt_export_and_onnx(trained_bundle):
-    bundle, _ = trained_bundle
+    bundle, data = trained_bundle
     # MONAI's command-line clients on the bundle
     _run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
           "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root", str(bundle)], cwd=bundle)
@@ -167,8 +167,10 @@ def test_monai_checks_ckpt_export_and_onnx(trained_bundle):
 
     for workflow, name in (("train", "train.json"), ("infer", "inference.json")):
         wf = ConfigWorkflow(config_file=str(bundle / "configs" / name), meta_file=str(bundle / "configs" / "metadata.json"),
-                            workflow_type=workflow, bundle_root=str(bundle))
-        assert not wf.check_properties(), name
+                            workflow_type=workflow, bundle_root=str(bundle), dataset_dir=str(data),
+                            input_dir=str(data / "imagesTs"), pixdim=[1.2, 1.2, 3.6])
+        wf.initialize()
+        assert wf.check_properties() == [], name
 
     net = __import__("ul3d").networks.get_network("ultralightunet", "base", 3, 2, 3)
     net.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
@@ -186,6 +188,7 @@ def test_monai_checks_ckpt_export_and_onnx(trained_bundle):
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(out - ref.numpy()).max() < 1e-4
     assert check_bundle(bundle) == []
+    assert check_bundle(bundle, dataset_dir=data) == []
 
 
 def test_check_bundle_finds_broken_metadata_and_exports(trained_bundle, tmp_path):
@@ -288,3 +291,18 @@ def test_export_bundle_from_ul3d_train_checkpoint(tmp_path, capsys):
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(BundleError, match="exists"):
         export_bundle(result.last_checkpoint, "custom", out)
+
+
+def test_colin27_bundle_reproduces_the_demo_on_real_data(tmp_path):
+    """The shipped weights, run through the bundle's own evaluate.json on the real held-out hemisphere, give the
+    held-out Dice the demo measured when it trained them (metadata eval_metrics), here on the CPU."""
+    data = _dataset("colin27_aal", tmp_path)
+    src = _bundle_dir("colin27_aal")
+    bundle = tmp_path / src.name
+    shutil.copytree(src, bundle)
+    _bundle_run(bundle, "configs/evaluate.json", "--dataset_dir", str(data), "--device", "cpu")
+    summary = json.loads((bundle / "eval" / "summary.json").read_text())
+    measured = json.loads((src / "configs" / "metadata.json").read_text())["eval_metrics"]["held_out_mean_dice"]
+    assert [c["reference_file"].endswith("colin27_right_mirrored.nii.gz") for c in summary["metric_per_case"]] == [True]
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(measured, abs=0.01)
+    assert summary["foreground_mean"]["Dice"] > 0.8

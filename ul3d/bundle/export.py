@@ -256,7 +256,8 @@ def check_bundle(bundle: str | Path, weights: bool = True, dataset_dir: str | Pa
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         return [f"{meta_file}: not JSON ({e})"]
-    problems += [f"{meta_file}: {p}" for p in metadata_errors(meta)]
+    meta_problems = [f"{meta_file}: {p}" for p in metadata_errors(meta)]
+    problems += meta_problems
     for workflow, name in (("train", "train.json"), ("infer", "inference.json")):
         problems += _check_properties(bundle, workflow, name, dataset_dir)
     try:
@@ -265,7 +266,7 @@ def check_bundle(bundle: str | Path, weights: bool = True, dataset_dir: str | Pa
     except Exception as e:  # noqa: BLE001 - reported as a problem of this bundle
         problems.append(f"{bundle}: verify_net_in_out failed: {type(e).__name__}: {_first_line(e)}")
     model_pt = bundle / "models" / "model.pt"
-    if weights and model_pt.is_file():
+    if weights and model_pt.is_file() and not meta_problems:  # the export checks read the metadata's input shape
         problems += _check_exports(bundle, meta)
     return problems
 
@@ -303,10 +304,16 @@ def _check_exports(bundle: Path, meta: dict) -> list[str]:
 
 def metrics_from_summary(path: str | Path) -> dict[str, float]:
     """``eval_metrics`` from an nnU-Net-style ``summary.json`` (``ul3d evaluate``, the bundle's evaluate.json): the
-    foreground mean Dice and HD95 (mm) and each class's mean Dice."""
+    foreground mean Dice and HD95 (mm) and each class's mean Dice; or from ``ul3d demo``'s ``demo_summary.json``."""
     path = Path(path)
     try:
         summary = json.loads(path.read_text())
+        if "held_out_mean_dice" in summary:  # ul3d demo's demo_summary.json
+            metrics = {"held_out_mean_dice": float(summary["held_out_mean_dice"])}
+            if summary.get("held_out_mean_hd95_mm") is not None:
+                metrics["held_out_mean_hd95_mm"] = float(summary["held_out_mean_hd95_mm"])
+            metrics.update({f"held_out_dice_{k}".replace(" ", "_"): float(v) for k, v in summary["held_out_dice"].items()})
+            return metrics
         fg = summary["foreground_mean"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise BundleError(f"{path}: not a summary.json of ul3d evaluate ({type(e).__name__}: {e})") from None

@@ -89,6 +89,8 @@ def model_card(template_name: str, template: dict, meta: dict, config: dict, che
     else:
         lines += ["No weights are shipped, so nothing is measured here yet. `configs/evaluate.json` writes "
                   "nnU-Net's `summary.json` (Dice, IoU, HD95 in mm per case and class) for trained weights.", ""]
+    if template.get("trained_by") and checkpoint is not None:
+        lines += [f"Weights trained by {' '.join(str(template['trained_by']).split())}.", ""]
     if extra:
         lines += [extra.strip(), ""]
     lines += [
@@ -117,6 +119,8 @@ def model_card(template_name: str, template: dict, meta: dict, config: dict, che
         "`--bundle_root DIR`, `--output_dir DIR`, `--iterations N`, `--max_epochs N`.",
         "",
     ]
+    if template.get("notes"):
+        lines += [" ".join(str(template["notes"]).split()), ""]
     if template_name == "btcv":
         lines += ["All 13 organs instead of the 8-organ protocol: add `configs/13organ.json` to each `--config_file` "
                   "list, e.g. `--config_file \"['configs/train.json','configs/13organ.json']\"`.", ""]

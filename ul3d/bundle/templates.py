@@ -34,12 +34,12 @@ _IMPORTS = ["$import os", "$import numpy", "$import torch", "$import monai", "$i
 
 
 def template_names() -> list[str]:
-    return list(yaml.safe_load(TEMPLATES_FILE.read_text()))
+    return [k for k in yaml.safe_load(TEMPLATES_FILE.read_text()) if not k.startswith("_")]
 
 
 def load_template(name: str) -> dict[str, Any]:
     """One entry of ``configs/bundle_templates.yaml`` (``prostate``, ``feta``, ``btcv``, ``colin27_aal``, ``custom``)."""
-    templates = yaml.safe_load(TEMPLATES_FILE.read_text())
+    templates = {k: v for k, v in yaml.safe_load(TEMPLATES_FILE.read_text()).items() if not k.startswith("_")}
     if name not in templates:
         raise ValueError(f"unknown bundle template {name!r}; available: {', '.join(templates)}")
     return dict(templates[name])
@@ -385,4 +385,4 @@ def run_config(template: dict, checkpoint_config: dict | None = None) -> dict:
         return copy.deepcopy(checkpoint_config)
     if not template.get("config"):
         raise ValueError("the custom template needs a checkpoint (its run config says how the data was prepared)")
-    return load_config(str(Path(CONFIG_DIR) / f"{template['config']}.yaml"))
+    return load_config(str(Path(CONFIG_DIR) / f"{template['config']}.yaml"), template.get("overrides") or [])
