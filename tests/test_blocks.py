@@ -172,3 +172,16 @@ def test_norm_is_selectable(norm):
     kinds = {type(m).__name__ for m in block.modules()}
     assert ("BatchNorm3d" in kinds) == (norm == "batch")
     assert ("InstanceNorm3d" in kinds) == (norm == "instance")
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_global_max_pool_equals_adaptive_max_pool(dims):
+    from ul3d.networks.blocks.attention import GlobalMaxPool
+
+    x = torch.randn(2, 5, *([7] * dims), requires_grad=True)
+    ref = getattr(torch.nn, f"AdaptiveMaxPool{dims}d")(1)(x)
+    out = GlobalMaxPool()(x)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+    g_ref, = torch.autograd.grad(ref.sum(), x)
+    g, = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(g, g_ref)  # no ties in random data: the gradient goes to the same voxel

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .networks.blocks.attention import GlobalMaxPool
+
 __all__ = ["ModelProfile", "count_parameters", "conv_macs", "paper_macs", "activation_bytes", "profile_model"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -78,7 +80,7 @@ def _ptflops_rule(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     if isinstance(m, _ACTS):
         return out.numel()
     if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                      nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+                      nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, GlobalMaxPool)):
         return inp.numel()
     if isinstance(m, nn.Linear):
         return out.numel() // m.out_features * m.in_features * m.out_features + (out.numel() if m.bias is not None else 0)

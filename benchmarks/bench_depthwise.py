@@ -1,0 +1,117 @@
+"""Micro-benchmark of the operations that dominate an UltraLightUNet3D training step on CUDA (see
+``bench_networks.py --profile``): depth-wise 3D convolution and BatchNorm3d on full-resolution MKDC tensors.
+
+For a depth-wise ``k³`` convolution on ``(2, C, 96, 96, 96)`` (bf16) it times forward and forward+backward of
+* ``native``: ``F.conv3d(groups=C)`` — PyTorch's own depth-wise 3D CUDA kernels;
+* ``cl``: the same in channels_last_3d memory format;
+* ``fp32``: the same in float32;
+* ``dw2d``: the same function as a sum over the ``k`` depth taps of depth-wise 2D convolutions (cuDNN/ATen 2D kernels);
+* ``dense_group``: ``groups=C//2`` with 2 input channels per group (cuDNN's grouped path; a different function,
+  shown only as the speed cuDNN reaches on a nearby shape);
+and BatchNorm3d forward+backward in bf16/fp32, channels-first and channels_last. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _time(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+def dw2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Depth-wise 3D conv ('same' padding) as Σ_d depth-wise 2D convs of depth-shifted slices."""
+    b, c, d, h, wd = x.shape
+    k = w.shape[-1]
+    p = k // 2
+    xp = F.pad(x, (0, 0, 0, 0, p, p))
+    out = None
+    for t in range(k):
+        sl = xp[:, :, t:t + d].transpose(1, 2).reshape(b * d, c, h, wd)
+        y = F.conv2d(sl, w[:, :, t], padding=p, groups=c)
+        out = y if out is None else out + y
+    return out.reshape(b, d, c, h, wd).transpose(1, 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--channels", type=int, nargs="+", default=[32])
+    p.add_argument("--kernels", type=int, nargs="+", default=[3, 5])
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    rows = []
+    for c in a.channels:
+        shape = (2, c, a.size, a.size, a.size)
+        for k in a.kernels:
+            w32 = torch.randn(c, 1, k, k, k, device=dev, requires_grad=True)
+            x32 = torch.randn(*shape, device=dev, requires_grad=True)
+            ref = F.conv3d(x32, w32, padding=k // 2, groups=c)
+            check = (dw2d(x32, w32) - ref).abs().max().item()
+            variants = {
+                "native": (torch.bfloat16, False, lambda x, w: F.conv3d(x, w, padding=k // 2, groups=c)),
+                "cl": (torch.bfloat16, True, lambda x, w: F.conv3d(x, w, padding=k // 2, groups=c)),
+                "fp32": (torch.float32, False, lambda x, w: F.conv3d(x, w, padding=k // 2, groups=c)),
+                "dw2d": (torch.bfloat16, False, dw2d),
+            }
+            for name, (dtype, cl, fn) in variants.items():
+                x = torch.randn(*shape, device=dev, dtype=dtype)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                x.requires_grad_(True)
+                w = torch.randn(c, 1, k, k, k, device=dev, dtype=dtype, requires_grad=True)
+                fwd = _time(lambda: fn(x, w))
+                g = torch.randn_like(fn(x, w))
+                both = _time(lambda: torch.autograd.grad(fn(x, w), (x, w), g))
+                rows.append({"op": f"dwconv k={k}", "channels": c, "variant": name, "fwd_ms": fwd, "fwd_bwd_ms": both,
+                             "max_abs_diff_fp32": check if name == "dw2d" else 0.0})
+                print(json.dumps(rows[-1]), flush=True)
+            x = torch.randn(*shape, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            wg = torch.randn(c, 2, k, k, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            fn = lambda: F.conv3d(x, wg, padding=k // 2, groups=c // 2)  # noqa: E731
+            g = torch.randn_like(fn())
+            rows.append({"op": f"dwconv k={k}", "channels": c, "variant": "dense_group (2 ch/group)",
+                         "fwd_ms": _time(fn), "fwd_bwd_ms": _time(lambda: torch.autograd.grad(fn(), (x, wg), g))})
+            print(json.dumps(rows[-1]), flush=True)
+        for dtype in (torch.bfloat16, torch.float32):
+            for cl in (False, True):
+                bn = torch.nn.BatchNorm3d(c).to(dev)
+                x = torch.randn(*shape, device=dev, dtype=dtype)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last_3d)
+                x.requires_grad_(True)
+
+                def run():
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                        return bn(x)
+
+                g = torch.randn_like(run())
+                rows.append({"op": "batchnorm3d", "channels": c, "variant": f"{str(dtype)[6:]}{' cl' if cl else ''}",
+                             "fwd_ms": _time(run), "fwd_bwd_ms": _time(lambda: torch.autograd.grad(run(), x, g))})
+                print(json.dumps(rows[-1]), flush=True)
+    print("\n| op | C | variant | fwd ms | fwd+bwd ms |\n|---|---:|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['op']} | {r['channels']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
