@@ -79,7 +79,7 @@ def main() -> None:
     meta = json.loads((Path(a.bundle) / "configs" / "train.json").read_text())
     patches = (a.cases * int(meta["num_samples"]))  # every training case gives num_samples patches per epoch
     base = results[0]["steady_epoch_seconds"]
-    print(f"\n| GPUs | steady epoch (s) | patches/s | speed-up |\n|---:|---:|---:|---:|")
+    print("\n| GPUs | steady epoch (s) | patches/s | speed-up |\n|---:|---:|---:|---:|")
     for r in results:
         s = r["steady_epoch_seconds"]
         r["patches_per_second"] = patches / s if s else None

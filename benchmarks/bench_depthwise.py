@@ -83,7 +83,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
             x = torch.randn(*shape, device=dev, dtype=torch.bfloat16, requires_grad=True)
             wg = torch.randn(c, 2, k, k, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
-            fn = lambda: F.conv3d(x, wg, padding=k // 2, groups=c // 2)  # noqa: E731
+            fn = lambda: F.conv3d(x, wg, padding=k // 2, groups=c // 2)
             g = torch.randn_like(fn())
             rows.append({"op": f"dwconv k={k}", "channels": c, "variant": "dense_group (2 ch/group)",
                          "fwd_ms": _time(fn), "fwd_bwd_ms": _time(lambda: torch.autograd.grad(fn(), (x, wg), g))})

@@ -82,11 +82,10 @@ def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def train_step(spec: str, device: torch.device, dtype: torch.dtype | None, iters: int) -> tuple[float, float]:
-    """(seconds per step, peak GiB) for one AdamW + DiceCELoss step at batch 2."""
+def make_step(net: torch.nn.Module, device: torch.device, dtype: torch.dtype | None):
+    """One AdamW + DiceCELoss training step at batch 2, 96³, 3 classes (autocast to ``dtype`` when given)."""
     from monai.losses import DiceCELoss
 
-    net = _net(spec, device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.randn(2, 1, *ROI, device=device)
@@ -94,11 +93,17 @@ def train_step(spec: str, device: torch.device, dtype: torch.dtype | None, iters
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
 
+    return step
+
+
+def train_step(spec: str, device: torch.device, dtype: torch.dtype | None, iters: int) -> tuple[float, float]:
+    """(seconds per step, peak GiB) for one AdamW + DiceCELoss step at batch 2."""
+    step = make_step(_net(spec, device).train(), device, dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -390,19 +395,7 @@ def run_profile(args, device: torch.device, name: str) -> None:
             toks = _tokens(lever)
             torch.backends.cudnn.benchmark = "cudnnbench" in toks
             net = _lever_net(spec, device, toks, inference=False)
-            from monai.losses import DiceCELoss
-
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-            loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-            x = torch.randn(2, 1, *ROI, device=device)
-            y = torch.randint(0, 3, (2, 1, *ROI), device=device).float()
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss = loss_fn(net(x), y)
-                loss.backward()
-                opt.step()
+            step = make_step(net, device, torch.bfloat16)
 
             for _ in range(3):
                 step()
@@ -419,7 +412,7 @@ def run_profile(args, device: torch.device, name: str) -> None:
                 print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['kernel']}", flush=True)
             report.append({"network": spec, "lever": lever, "cuda_ms": total, "top": rows})
             torch.backends.cudnn.benchmark = False
-            del net, opt
+            del net, step
             torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,19 @@ from monai.networks.nets.attentionunet import AttentionBlock
 from torch import nn
 
 from ul3d.networks.blocks import (
-    AKF, CMFA, GAG, LSG, MKDC, MKIR, MKIRA, RGF, AttentionGate, ChannelAttention, ChannelShuffle,
-    InvertedResidual, SpatialAttention,
+    AKF,
+    CMFA,
+    GAG,
+    LSG,
+    MKDC,
+    MKIR,
+    MKIRA,
+    RGF,
+    AttentionGate,
+    ChannelAttention,
+    ChannelShuffle,
+    InvertedResidual,
+    SpatialAttention,
 )
 
 SIZES = {2: (17, 22), 3: (9, 10, 11)}
@@ -79,7 +90,7 @@ def test_channel_attention_equation_3(dims):
     ca = ChannelAttention(dims, 32, reduction=8).eval()
     x = _x(dims, 32)
     axes = tuple(range(2, 2 + dims))
-    mlp = lambda v: ca.fc2(F.relu(ca.fc1(v)))  # noqa: E731
+    mlp = lambda v: ca.fc2(F.relu(ca.fc1(v)))
     avg = x.mean(dim=axes, keepdim=True)
     mx = x.amax(dim=axes, keepdim=True)
     assert torch.allclose(ca(x), torch.sigmoid(mlp(avg) + mlp(mx)) * x, atol=1e-6)

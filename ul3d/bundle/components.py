@@ -140,7 +140,7 @@ def check_checkpoint(path: str | os.PathLike, network: torch.nn.Module) -> str:
                                f"written by train.json or `ul3d export-bundle`); set it with --ckpt_path FILE")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+    except Exception as e:
         raise BundleInputError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
@@ -178,7 +178,7 @@ class AtomicNibabelWriter(NibabelWriter):
     """MONAI's ``NibabelWriter`` writing to a temporary file beside the target, then renaming it: an interrupted
     run never leaves a half-written prediction."""
 
-    def write(self, filename, verbose: bool = False, **obj_kwargs):  # noqa: D102 - see NibabelWriter.write
+    def write(self, filename, verbose: bool = False, **obj_kwargs):
         name = Path(filename).name
         with atomic_path(filename, suffix=".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix) as tmp:
             super().write(str(tmp), verbose=verbose, **obj_kwargs)

@@ -24,8 +24,14 @@ from ..config import get
 from ..data.datasets import BTCV_8ORGAN_LABEL_MAP, BTCV_CLASSES
 from .metadata import metadata_errors
 from .templates import (
-    LOGGING_CONF, btcv_13organ_overlay, evaluate_config, inference_config, load_template, multi_gpu_config,
-    run_config, train_config,
+    LOGGING_CONF,
+    btcv_13organ_overlay,
+    evaluate_config,
+    inference_config,
+    load_template,
+    multi_gpu_config,
+    run_config,
+    train_config,
 )
 
 __all__ = ["BundleError", "write_bundle", "export_bundle", "export_models", "check_bundle", "build_metadata",
@@ -226,7 +232,7 @@ def _check_properties(bundle: Path, workflow: str, name: str, dataset_dir: str |
                             bundle_root=str(bundle), **override)
         wf.initialize()
         missing = wf.check_properties()
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - reported as a problem of this bundle
+    except (Exception, SystemExit) as e:
         return [f"{config}: the {workflow} workflow does not initialise: {type(e).__name__}: {_first_line(e)}"]
     return [f"{config}: check_properties() reports missing or misnamed {missing}"] if missing else []
 
@@ -263,7 +269,7 @@ def check_bundle(bundle: str | Path, weights: bool = True, dataset_dir: str | Pa
     try:
         verify_net_in_out(net_id="network_def", meta_file=str(meta_file), config_file=str(bundle / "configs" / "inference.json"),
                           device="cpu", bundle_root=str(bundle))
-    except Exception as e:  # noqa: BLE001 - reported as a problem of this bundle
+    except Exception as e:
         problems.append(f"{bundle}: verify_net_in_out failed: {type(e).__name__}: {_first_line(e)}")
     model_pt = bundle / "models" / "model.pt"
     if weights and model_pt.is_file() and not meta_problems:  # the export checks read the metadata's input shape

@@ -334,8 +334,8 @@ def evaluate_config(config: dict, net_spec: dict, template: dict, class_names: l
         "seed": int(get(config, "train.seed", 0)),
         "prediction_dir": "$@output_dir + '/predictions'",
         "reference_dir": "$@output_dir + '/references'",
-        "datalist": (f"$ul3d.bundle.components.datalist(@dataset_dir, @eval_split, layout=@layout, protocol=@protocol, "
-                     f"val_fraction=@val_fraction, val_cases=@val_cases, seed=@seed, channels=@in_channels, check=True)"),
+        "datalist": ("$ul3d.bundle.components.datalist(@dataset_dir, @eval_split, layout=@layout, protocol=@protocol, "
+                     "val_fraction=@val_fraction, val_cases=@val_cases, seed=@seed, channels=@in_channels, check=True)"),
         "preprocessing": _compose([copy_label] + pre),
         "postprocessing": _compose(_infer_postprocessing(config, label_map, with_reference=True)),
         "key_metric": {"mean_dice": _mean_dice("reference")},
