@@ -48,7 +48,7 @@ CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldb
               "compile", "fused+compile", "ort", "fused+ort"]
 UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
-          "cudnnbench"}
+          "cudnnbench", "fp32dw"}
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
              ("A10", 0.6e12), ("L4", 0.3e12)]  # bytes/s, matched in this order against the device name
@@ -158,7 +158,7 @@ def _lever_net(spec: str, device: torch.device, toks: set[str], inference: bool)
     net = build_network(name, variant or None, spatial_dims=3, in_channels=1, out_channels=3, roi_size=ROI)
     net = accelerate(net.train(not inference), fused_mkdc=bool(toks & {"fused", "pad1", "recompute"}),
                      unit_scale="pad1" not in toks, recompute="recompute" in toks,
-                     fold_bn=inference and "foldbn" in toks, channels_last="cl" in toks)
+                     fold_bn=inference and "foldbn" in toks, channels_last="cl" in toks, mkdc_float32="fp32dw" in toks)
     return net.to(device).train(not inference)
 
 

@@ -220,3 +220,19 @@ def test_predict_default_path_matches_plain(prostate_checkpoint):
     clear = (top2[1] - top2[0]) > 1e-3  # argmax is defined up to fp32 rounding only where two classes tie
     assert clear.mean() > 0.99 and np.array_equal(labels[clear], ref_labels[clear])
     assert np.array_equal(labels, ref_labels)
+
+
+def test_mkdc_float32_is_the_same_function_and_runs_in_float32_under_autocast():
+    from ul3d.networks.blocks.multikernel import MKDC
+
+    torch.manual_seed(0)
+    plain_block = MKDC(3, 8).eval()
+    fast = accelerate(copy.deepcopy(plain_block), fused_mkdc=False, mkdc_float32=True)
+    x = torch.randn(2, 8, 12, 12, 12)
+    assert torch.equal(fast(x), plain_block(x))  # no autocast: the plain forward, bit for bit
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fast(x.bfloat16())
+        y_bf16 = plain_block(x.bfloat16())
+    assert y.dtype == torch.float32 and y_bf16.dtype == torch.bfloat16
+    assert (y - plain_block(x.bfloat16().float())).abs().max().item() < 1e-5  # float32 math on the bf16 input
+    torch.jit.script(fast)  # TorchScript keeps the plain path

@@ -31,6 +31,7 @@ def accelerate(
     channels_last: bool = False,
     fold_bn: bool = False,
     copy_model: bool = False,
+    mkdc_float32: bool = False,
 ) -> nn.Module:
     """Switch ``model`` (in place, or a deep copy with ``copy_model=True``) to the fast paths; returns it.
 
@@ -44,6 +45,8 @@ def accelerate(
         channels_last: ``channels_last_3d`` (3D) / ``channels_last`` (2D) memory format for the parameters; feed
             inputs in the same format to keep activations there.
         fold_bn: inference only: fold eval-mode BatchNorm into the convs (:func:`fold_batchnorm`, returns a copy).
+        mkdc_float32: under autocast, compute every MKDC (depth-wise convs, BatchNorm, ReLU6, sum) in float32: the same
+            function at higher precision, and faster on CUDA where the bfloat16 depth-wise/BatchNorm kernels are slow.
     """
     from .blocks.multikernel import MKDC
 
@@ -56,6 +59,7 @@ def accelerate(
             m.fused = bool(fused_mkdc)
             m.fused_unit_scale = bool(unit_scale)
             m.fused_recompute = bool(recompute)
+            m.float32 = bool(mkdc_float32)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
         model = model.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)

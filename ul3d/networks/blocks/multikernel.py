@@ -105,11 +105,22 @@ class MKDC(nn.Module):
         # branch as a per-channel scale instead of a zero-padded centre tap; ``fused_recompute``: in training,
         # recompute the branch activations in backward instead of saving them.
         self.fused, self.fused_unit_scale, self.fused_recompute = False, True, False
+        # ``float32``: under autocast, run the branches in float32 (PyTorch's depth-wise 3D and BatchNorm kernels are
+        # faster in float32 than in bfloat16 on CUDA, benchmarks/results/depthwise_cuda_h100_2026-11-23.json)
+        self.float32 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # TorchScript (and exports) always see the plain modules
-            if self.fused and self.fused_unsupported() is None:
-                return self.forward_fused(x)
+            if self.float32 and torch.is_autocast_enabled(x.device.type):
+                with torch.autocast(x.device.type, enabled=False):
+                    return self._forward_eager(x.float())
+            return self._forward_eager(x)
+        return self.forward_plain(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.fused_unsupported() is None:
+            return self.forward_fused(x)
         return self.forward_plain(x)
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
