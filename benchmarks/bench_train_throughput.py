@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--variant", default="base")
     p.add_argument("--compile", nargs="+", default=["false"], choices=("true", "false"))
+    p.add_argument("--cache-device", default="cpu", choices=("cpu", "cuda"), help="data.cache_device of the runs")
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
@@ -42,13 +43,13 @@ def main() -> None:
     for comp in a.compile:
         cfg = load_config("prostate", [f"network.variant={a.variant}", f"train.iterations={a.iterations}",
                                        f"train.val_interval={a.val_interval}", f"data.num_workers={a.workers}",
-                                       f"train.compile={comp}"])
+                                       f"train.compile={comp}", f"data.cache_device={a.cache_device}"])
         t0 = time.perf_counter()
         result = train(cfg, data, Path(tempfile.mkdtemp(prefix="run_")), quiet=True)
         total = time.perf_counter() - t0
         h = result.history
         steady = (h[-1]["seconds"] - h[0]["seconds"]) / (h[-1]["iteration"] - h[0]["iteration"]) if len(h) > 1 else None
-        row = {"compile": comp, "iterations": a.iterations, "total_s": total, "first_validation_s": h[0]["seconds"],
+        row = {"compile": comp, "cache_device": a.cache_device, "iterations": a.iterations, "total_s": total, "first_validation_s": h[0]["seconds"],
                "steady_s_per_iteration": steady, "iterations_per_s": 1 / steady if steady else None,
                "projected_40k_minutes": 40000 * steady / 60 if steady else None, "history": h}
         rows.append(row)

@@ -249,3 +249,15 @@ def test_synth_command(layout, expected, tmp_path, capsys):
     root = capsys.readouterr().out.strip().rsplit(" to ", 1)[1]
     spec = load_dataset(root)
     assert spec.layout == expected and len(spec.training) >= 4
+
+
+def test_cache_device_setting(tmp_path):
+    data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=7)
+    bad = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "data.cache_device=gpu"])
+    with pytest.raises(ValueError, match="data.cache_device must be 'cpu' or 'cuda'"):
+        train(bad, data, tmp_path / "bad", device="cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("the GPU cache needs CUDA")
+    cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "data.cache_device=cuda"])
+    result = train(cfg, data, tmp_path / "gpu", device="cuda")
+    assert result.iterations == 2 and result.last_checkpoint.is_file()
