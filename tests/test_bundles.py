@@ -98,17 +98,49 @@ def _input_folder(data: Path, tmp: Path) -> Path:
     return folder
 
 
+_VERSIONED = ("monai_version", "pytorch_version", "numpy_version", "required_packages_version", "copyright")
+
+
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_committed_bundles_are_what_export_bundle_writes(template, tmp_path):
-    """bundles/* are the output of `ul3d export-bundle --template T` (configs identical; metadata valid)."""
+    """bundles/* are the output of `ul3d export-bundle --template T` (configs identical, metadata identical up to the
+    software versions; model card identical where no weights are shipped) and pass every check."""
     committed = _bundle_dir(template)
     fresh = export_bundle(None, template, tmp_path / "fresh")
-    for name in ("train.json", "inference.json", "evaluate.json", "multi_gpu_train.json", "logging.conf"):
-        assert (committed / "configs" / name).read_text() == (fresh / "configs" / name).read_text(), name
+    names = sorted(p.name for p in (fresh / "configs").iterdir())
+    assert names == sorted(p.name for p in (committed / "configs").iterdir())
+    for name in names:
+        if name != "metadata.json":
+            assert (committed / "configs" / name).read_text() == (fresh / "configs" / name).read_text(), name
     meta = validate_metadata(committed / "configs" / "metadata.json")
-    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == len(load_template(template)["class_names"])
-    for rel in ("LICENSE", "docs/README.md", "models"):
-        assert (committed / rel).exists(), rel
+    fresh_meta = json.loads((fresh / "configs" / "metadata.json").read_text())
+    shipped = (committed / "models" / "model.pt").is_file()
+    for key in set(meta) | set(fresh_meta):
+        if key not in _VERSIONED and not (shipped and key == "eval_metrics"):
+            assert meta.get(key) == fresh_meta.get(key), key
+    if not shipped:
+        assert (committed / "docs" / "README.md").read_text() == (fresh / "docs" / "README.md").read_text()
+    assert (committed / "LICENSE").read_text() == (fresh / "LICENSE").read_text()
+    if shipped:  # the shipped model.ts / model.onnx compute what model.pt does (checked on a copy)
+        copy = tmp_path / committed.name
+        shutil.copytree(committed, copy)
+        assert {p.name for p in (copy / "models").iterdir()} == {"model.pt", "model.ts", "model.onnx"}
+        assert check_bundle(copy) == []
+
+
+def test_btcv_13organ_overlay_gives_14_classes():
+    from monai.bundle import ConfigParser
+
+    bundle = _bundle_dir("btcv")
+    for config in ("train.json", "evaluate.json"):
+        parser = ConfigParser()
+        parser.read_config([str(bundle / "configs" / config), str(bundle / "configs" / "13organ.json")])
+        assert parser.get_parsed_content("network_def").out_channels == 14
+        assert parser["protocol"] == "13organ" and len(parser["class_names"]) == 14
+        assert parser.get_parsed_content("label_values") == parser.get_parsed_content("class_values") == list(range(14))
+    plain = ConfigParser()
+    plain.read_config(str(bundle / "configs" / "train.json"))
+    assert plain.get_parsed_content("network_def").out_channels == 9
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
@@ -233,7 +265,7 @@ def test_torchrun_two_processes_gloo(trained_bundle, tmp_path):
                             "--dataset_dir", str(data), "--pixdim", "[1.2,1.2,3.6]", *SMALL], cwd=bundle)
     log = proc.stdout + proc.stderr
     # 4 training cases split over 2 ranks: 2 iterations per epoch per rank; rank 0 alone logs and saves
-    assert "Epoch: 2/2, Iter: 2/2" in log
+    assert log.count("Epoch: 2/2, Iter: 2/2") == 1
     full = torch.load(bundle / "models" / "checkpoint_final.pt", map_location="cpu", weights_only=False)
     assert _epochs(full) == 2 and (bundle / "models" / "model.pt").is_file()
     assert not any(k.startswith("module.") for k in full["model"]), "DDP wrapper saved instead of the network"
@@ -289,6 +321,10 @@ def test_export_bundle_from_ul3d_train_checkpoint(tmp_path, capsys):
     bogus.write_text("not a checkpoint")
     assert main(["export-bundle", "--checkpoint", str(bogus), "--template", "custom", "--out", str(tmp_path / "x")]) == 2
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # a template that does not describe the checkpoint (FeTA: 1 channel, 8 classes) is refused
+    assert main(["export-bundle", "--checkpoint", str(result.last_checkpoint), "--template", "feta", "--out",
+                 str(tmp_path / "y")]) == 2
+    assert "use --template custom" in capsys.readouterr().err and not (tmp_path / "y").exists()
     with pytest.raises(BundleError, match="exists"):
         export_bundle(result.last_checkpoint, "custom", out)
 

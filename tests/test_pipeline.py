@@ -261,3 +261,11 @@ def test_cache_device_setting(tmp_path):
     cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "data.cache_device=cuda"])
     result = train(cfg, data, tmp_path / "gpu", device="cuda")
     assert result.iterations == 2 and result.last_checkpoint.is_file()
+
+
+def test_group_cases_only_groups_complete_channel_sets(tmp_path):
+    names = ["CASE_0000.nii.gz", "CASE_0001.nii.gz", "scan_0001.nii.gz", "scan_0002.nii.gz", "solo.nii.gz"]
+    files = [tmp_path / n for n in names]
+    cases = dict(group_cases(files))
+    assert cases["CASE"] == files[:2]
+    assert cases["scan_0001"] == [files[2]] and cases["scan_0002"] == [files[3]] and cases["solo"] == [files[4]]

@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,8 @@ def datalist(
     Args:
         dataset_dir: dataset folder or datalist file.
         split: ``"train"``, ``"val"`` (the same seeded split as ``ul3d train``: ``val_cases`` or a
-            ``val_fraction`` of the cases) or ``"all"`` (every labelled case).
+            ``val_fraction`` of the cases), ``"all"`` (every labelled training case) or ``"test"`` (the labelled
+            held-out cases of the protocol, e.g. BTCV's TransUNet test cases).
         layout, protocol: as in :func:`ul3d.data.datasets.load_dataset` (None = detect / default).
         channels: expected input channels, checked when ``check``.
         check: validate every case first (:func:`ul3d.data.validation.validate_dataset`) — missing files,
@@ -91,13 +93,18 @@ def datalist(
         validate_dataset(spec, expected_channels=int(channels) if channels else None)
     if split == "all":
         return [dict(item) for item in spec.training]
+    if split == "test":  # labelled held-out cases of the protocol (BTCV's 12 TransUNet test cases)
+        items = [dict(item) for item in spec.test if item.get("label")]
+        if not items:
+            raise BundleInputError(f"{dataset_dir}: no labelled test cases in this dataset (use --eval_split val or all)")
+        return items
     config = {"data": {"val_cases": list(val_cases or []), "val_fraction": float(val_fraction)}, "train": {"seed": int(seed)}}
     train_items, val_items = split_cases(spec, config)
     if split == "train":
         return [dict(item) for item in train_items]
     if split == "val":
         return [dict(item) for item in val_items]
-    raise BundleInputError(f"split must be 'train', 'val' or 'all', got {split!r}")
+    raise BundleInputError(f"split must be 'train', 'val', 'all' or 'test', got {split!r}")
 
 
 @_clean_errors
@@ -109,6 +116,8 @@ def image_datalist(input_dir: str | os.PathLike | None, channels: int, channel_n
         raise BundleInputError(f"input_dir {str(input_dir)!r} is not a folder: expected a folder of volumes "
                                f"(.nii.gz, .nii, .nrrd, .mha); set it with --input_dir DIR")
     cases = group_cases(find_images([folder]))
+    if int(channels) == 1:  # a single-channel network: CASE_0000, CASE_0001 ... are separate volumes
+        cases = [(case_id(f), [f]) for _, files in cases for f in files]
     if not cases:
         raise BundleInputError(f"{folder}: no volumes found (expected .nii.gz, .nii, .nrrd or .mha files)")
     expected = f"{channels} channel(s)" + (f" ({', '.join(channel_names)})" if channel_names else "")
@@ -222,13 +231,16 @@ class CaseNames:
 
 
 class EvaluateFolder:
-    """Handler: when the evaluator completes, compare ``prediction_dir`` with ``reference_dir`` (both written in the
-    original geometry) with :func:`ul3d.engine.evaluate.evaluate_folder` — Dice, IoU and HD95 in mm per case and
-    class — and write nnU-Net's ``summary.json`` and ``metrics.csv`` to ``output_dir``."""
+    """Handler: when the evaluator completes, compare this run's cases (``case_ids``) in ``prediction_dir`` with their
+    references in ``reference_dir`` (both written in the original geometry) with
+    :func:`ul3d.engine.evaluate.evaluate_folder` — Dice, IoU and HD95 in mm per case and class — and write nnU-Net's
+    ``summary.json`` and ``metrics.csv`` to ``output_dir``. Files left in the folders by earlier runs are not counted."""
 
-    def __init__(self, prediction_dir: str, reference_dir: str, output_dir: str, class_names: list[str]) -> None:
+    def __init__(self, prediction_dir: str, reference_dir: str, output_dir: str, class_names: list[str],
+                 case_ids: list[str] | None = None) -> None:
         self.prediction_dir, self.reference_dir, self.output_dir = prediction_dir, reference_dir, output_dir
         self.class_names = list(class_names)
+        self.case_ids = None if case_ids is None else [str(c) for c in case_ids]
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -236,10 +248,25 @@ class EvaluateFolder:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        from ..engine.evaluate import evaluate_folder
+        from ..engine.evaluate import _write_json, evaluate_folder
 
         labels = list(range(1, len(self.class_names)))
-        summary = evaluate_folder(self.prediction_dir, self.reference_dir, labels=labels, output_dir=self.output_dir,
-                                  label_names=dict(enumerate(self.class_names)), quiet=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            pred_dir, ref_dir = Path(self.prediction_dir), Path(self.reference_dir)
+            if self.case_ids is not None:  # only this run's cases, through links in a scratch folder
+                pred_dir, ref_dir = Path(tmp) / "pred", Path(tmp) / "ref"
+                for src, dst in ((self.prediction_dir, pred_dir), (self.reference_dir, ref_dir)):
+                    dst.mkdir()
+                    for case in self.case_ids:
+                        f = Path(src) / f"{case}.nii.gz"
+                        if f.is_file():
+                            (dst / f.name).symlink_to(f.resolve())
+            summary = evaluate_folder(pred_dir, ref_dir, labels=labels, output_dir=self.output_dir,
+                                      label_names=dict(enumerate(self.class_names)), quiet=False)
+            if self.case_ids is not None:  # name the real files, not the scratch links, in summary.json
+                for case in summary["metric_per_case"]:
+                    for key, real in (("prediction_file", self.prediction_dir), ("reference_file", self.reference_dir)):
+                        case[key] = str(Path(real) / Path(case[key]).name)
+                _write_json(summary, Path(self.output_dir) / "summary.json")
         engine.state.metrics["summary_mean_dice"] = float(summary["foreground_mean"]["Dice"])
         engine.state.metrics["summary_mean_hd95_mm"] = float(summary["foreground_mean"].get("HD95", float("nan")))

@@ -134,6 +134,13 @@ def write_bundle(out: str | Path, template_name: str, checkpoint: dict | None = 
 
     template = load_template(template_name)
     out = Path(out)
+    if checkpoint is not None and template_name != "custom":  # the template's text must describe this model
+        classes, channels = len(checkpoint["class_names"]), int(checkpoint["network_spec"]["in_channels"])
+        if classes != len(template["class_names"]) or channels != len(template["channel_names"]):
+            raise BundleError(
+                f"the checkpoint has {channels} input channel(s) and {classes} classes; template {template_name!r} is "
+                f"for {len(template['channel_names'])} ({', '.join(template['channel_names'])}) and "
+                f"{len(template['class_names'])}: use --template custom")
     if checkpoint is not None:
         config = checkpoint["config"]
         net_spec = dict(checkpoint["network_spec"])

@@ -59,10 +59,10 @@ def model_card(template_name: str, template: dict, meta: dict, config: dict, che
         "## Data",
         "",
         f"Source: {meta['data_source']}. Input: {inp['num_channels']} channel(s) ({channels}), {inp['modality']}.",
-        "The dataset folder (`--dataset_dir`) is read in its own layout "
-        f"(`{get(config, 'data.layout') or 'auto-detected'}`): MSD `dataset.json`, FeTA, BTCV `RawData`, "
-        "nnU-Net v2 raw, or a JSON/CSV datalist. Every case is checked before training (missing files, shape or "
-        "affine mismatches, channel counts, label values outside the classes).",
+        f"The dataset folder (`--dataset_dir`) is read in the `{get(config, 'data.layout') or 'auto-detected'}` layout; "
+        "`--layout msd|feta|btcv|nnunet|datalist` (or `null` to detect) reads another one, e.g. a JSON/CSV datalist. "
+        "Every case is checked before training (missing files, shape or affine mismatches, channel counts, label "
+        "values outside the classes).",
         "",
         "| label | class |",
         "|---:|---|",
@@ -96,7 +96,8 @@ def model_card(template_name: str, template: dict, meta: dict, config: dict, che
     lines += [
         "## How to run",
         "",
-        "From the bundle folder (`pip install ul3d` provides the network and the input checks):",
+        "From the bundle folder, with ul3d installed (`bash scripts/bootstrap.sh` in the ul3d repository provides the "
+        "network and the input checks):",
         "",
         "```bash",
         "# train (the best validation model is written to models/model.pt, the full state to models/checkpoint_*.pt)",
@@ -106,9 +107,10 @@ def model_card(template_name: str, template: dict, meta: dict, config: dict, che
         "# multi-GPU (DDP; NCCL on GPUs, gloo on CPUs)",
         "torchrun --standalone --nproc_per_node=2 -m monai.bundle run \\",
         "    --config_file \"['configs/train.json','configs/multi_gpu_train.json']\" --dataset_dir /data/DATASET",
-        "# predict every volume of a folder (label maps in each input's geometry, eval/CASE.nii.gz)",
+        "# predict every volume of a folder (uint8 label maps in each input's geometry, preds/CASE.nii.gz)",
         "python -m monai.bundle run --config_file configs/inference.json --input_dir /data/images --output_dir preds",
-        "# evaluate on the validation cases (summary.json with Dice and HD95 in mm)",
+        f"# evaluate on the {'labelled test' if template.get('eval_split') == 'test' else 'validation'} cases "
+        "(eval/summary.json with Dice and HD95 in mm; --eval_split val|all|test)",
         "python -m monai.bundle run --config_file configs/evaluate.json --dataset_dir /data/DATASET",
         "# export TorchScript",
         "python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt \\",
@@ -134,6 +136,10 @@ def model_card(template_name: str, template: dict, meta: dict, config: dict, che
         "- Research use only; not validated for clinical use.",
         "- Trained for the data above; other scanners, contrasts or fields of view need retraining or validation.",
         "- BatchNorm statistics come from training patches: keep the batch composition and intensity normalisation.",
+        "- `--resume true` restores model, optimizer, scheduler and trainer state; the best-metric tracking of "
+        "`models/model.pt` restarts, so the first validation after a resume writes it again.",
+        "- `configs/metadata.json` is checked against ul3d's schema (`ul3d.bundle.metadata.validate_metadata`); "
+        "MONAI's `verify_metadata` downloads a schema from the URL in `schema` and needs network access.",
         "",
         "## Citations",
         "",

@@ -30,7 +30,7 @@ TEMPLATES_FILE = CONFIG_DIR / "bundle_templates.yaml"
 _RANK0_TRAIN_HANDLERS = 2
 
 _IMPORTS = ["$import os", "$import numpy", "$import torch", "$import monai", "$import ul3d", "$import ul3d.bundle.components",
-            "$import ul3d.data.io"]
+            "$import ul3d.data.io", "$import ul3d.engine.train"]
 
 
 def template_names() -> list[str]:
@@ -86,7 +86,7 @@ def _common(config: dict, net_spec: dict, template: dict, class_names: list[str]
         "overlap": float(get(config, "infer.overlap", 0.5)),
         "sw_batch_size": int(get(config, "infer.sw_batch_size", 4)),
         "sw_mode": get(config, "infer.mode", "gaussian"),
-        "amp": "$torch.cuda.is_available()",
+        "amp": "$torch.device(@device).type == 'cuda'",
         "network_def": network_def(net_spec),
         "network": "$@network_def.to(@device)",
     }
@@ -164,8 +164,11 @@ def train_config(config: dict, net_spec: dict, template: dict, class_names: list
                  "lambda_dice": float(loss.get("lambda_dice", 1.0)), "lambda_ce": float(loss.get("lambda_ce", 1.0))},
         "optimizer": {"_target_": "torch.optim.AdamW", "params": "$@network.parameters()", "lr": "@learning_rate",
                       "weight_decay": "@weight_decay"},
-        "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "optimizer": "@optimizer",
-                         "T_max": "$@max_epochs * len(@train#dataloader)"},
+        "scheduler": get(config, "train.scheduler", "cosine"),
+        "warmup": int(get(config, "train.warmup", 0) or 0),
+        # the learning-rate factor of ul3d train: linear warm-up, then cosine (or constant) over the optimizer steps
+        "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.LambdaLR", "optimizer": "@optimizer",
+                         "lr_lambda": "$ul3d.engine.train.lr_factor(@scheduler, @warmup, @max_epochs * len(@train#dataloader))"},
         "train": {
             "preprocessing": _compose(train_pre + train_aug),
             "dataset": {"_target_": "CacheDataset", "data": _datalist("train", check=True),
@@ -232,6 +235,9 @@ def multi_gpu_config() -> dict[str, Any]:
     CPUs), a ``DistributedSampler`` per rank, logging and checkpoints on rank 0 only."""
     n = _RANK0_TRAIN_HANDLERS
     return {
+        # `iterations` stays the number of patches-batches of the whole run: each of the N ranks takes 1/N of them
+        "max_epochs": "$max(1, -(-@iterations // max(1, len(@train#dataloader) * dist.get_world_size())))",
+        "val_interval": "$max(1, @val_every // max(1, len(@train#dataloader) * dist.get_world_size()))",
         "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK'] if torch.cuda.is_available() else 'cpu')",
         "network": {"_target_": "torch.nn.parallel.DistributedDataParallel", "module": "$@network_def.to(@device)",
                     "device_ids": "$[@device] if torch.cuda.is_available() else None"},
@@ -328,7 +334,7 @@ def evaluate_config(config: dict, net_spec: dict, template: dict, class_names: l
     cfg.pop("input_dir")
     cfg.update(_label_keys(label_map))
     cfg.update({
-        "eval_split": "val",
+        "eval_split": template.get("eval_split", "val"),
         "val_fraction": float(get(config, "data.val_fraction", 0.2)),
         "val_cases": list(get(config, "data.val_cases") or []),
         "seed": int(get(config, "train.seed", 0)),
@@ -342,7 +348,7 @@ def evaluate_config(config: dict, net_spec: dict, template: dict, class_names: l
     })
     cfg["handlers"].append({"_target_": "ul3d.bundle.components.EvaluateFolder", "prediction_dir": "@prediction_dir",
                             "reference_dir": "@reference_dir", "output_dir": "@output_dir",
-                            "class_names": "@class_names"})
+                            "class_names": "@class_names", "case_ids": "$[item['id'] for item in @datalist]"})
     cfg["evaluator"]["key_val_metric"] = "@key_metric"
     return cfg
 

@@ -81,14 +81,22 @@ def _root_cause(e: BaseException) -> str:
 
 
 def group_cases(files: Sequence[Path]) -> list[tuple[str, list[Path]]]:
-    """Group files into cases: nnU-Net's ``CASE_0000.nii.gz, CASE_0001.nii.gz, ...`` form one case ``CASE`` with
-    one file per channel (in channel order); any other file is a case of its own named by its file name."""
+    """Group files into cases: nnU-Net's ``CASE_0000.nii.gz, CASE_0001.nii.gz, ...`` (indices exactly 0..n-1) form one
+    case ``CASE`` with one file per channel, in channel order; any other file — ``scan_0001 … scan_0050`` included —
+    is a case of its own named by its file name."""
     groups: dict[str, list[tuple[int, Path]]] = {}
     for f in files:
         m = _CHANNEL_FILE.fullmatch(case_id(f))
         key, idx = (m.group(1), int(m.group(2))) if m else (case_id(f), -1)
         groups.setdefault(key, []).append((idx, f))
-    return [(case, [f for _, f in sorted(members)]) for case, members in groups.items()]
+    cases: list[tuple[str, list[Path]]] = []
+    for case, members in groups.items():
+        members.sort()
+        if [i for i, _ in members] == list(range(len(members))):
+            cases.append((case, [f for _, f in members]))
+        else:
+            cases += [(case_id(f), [f]) for _, f in members]
+    return cases
 
 
 @dataclass

@@ -37,7 +37,7 @@ from ..data.validation import validate_dataset
 from ..networks import build_network
 from ..utils import atomic_path
 
-__all__ = ["IterationDataset", "TrainResult", "train", "split_cases", "load_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["IterationDataset", "TrainResult", "train", "split_cases", "load_checkpoint", "lr_factor", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "ul3d-checkpoint/1"
 
@@ -152,9 +152,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, config: dict, total: int):
-    kind = get(config, "train.scheduler", "cosine")
-    warmup = int(get(config, "train.warmup", 0) or 0)
+def lr_factor(kind: str, warmup: int, total: int):
+    """The learning-rate factor of iteration ``it``: linear warm-up over ``warmup`` iterations, then ``cosine`` decay
+    to 0 at ``total`` or ``constant`` (also used by the MONAI bundles' ``LambdaLR``)."""
+    if kind not in ("cosine", "constant"):
+        raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got {kind!r}")
+    warmup = int(warmup or 0)
 
     def factor(it: int) -> float:
         if warmup and it < warmup:
@@ -164,8 +167,11 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: dict, total: int):
         progress = (it - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    if kind not in ("cosine", "constant"):
-        raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got {kind!r}")
+    return factor
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: dict, total: int):
+    factor = lr_factor(get(config, "train.scheduler", "cosine"), int(get(config, "train.warmup", 0) or 0), total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
