@@ -82,19 +82,27 @@ def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def make_step(net: torch.nn.Module, device: torch.device, dtype: torch.dtype | None):
-    """One AdamW + DiceCELoss training step at batch 2, 96³, 3 classes (autocast to ``dtype`` when given)."""
+def make_step(net: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, forward=None, prepare=None,
+              before=None):
+    """One AdamW + DiceCELoss training step at batch 2, 96³, 3 classes (autocast to ``dtype`` when given).
+
+    ``forward``: the callable run on the batch (default ``net``, e.g. a compiled ``net``); ``prepare``: applied to the
+    input once (e.g. a memory format); ``before``: called at the start of every step (e.g. a CUDA-graph step mark)."""
     from monai.losses import DiceCELoss
 
+    forward = forward or net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.randn(2, 1, *ROI, device=device)
+    x = prepare(x) if prepare else x
     y = torch.randint(0, 3, (2, 1, *ROI), device=device).float()
 
     def step():
+        if before is not None:
+            before()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(net(x), y)
+            loss = loss_fn(forward(x), y)
         loss.backward()
         opt.step()
 
@@ -176,25 +184,12 @@ def _fmt(x: torch.Tensor, toks: set[str]) -> torch.Tensor:
 
 def lever_train(spec: str, device: torch.device, toks: set[str], iters: int) -> dict:
     """Training step (bf16 autocast on CUDA, fp32 on CPU), batch 2, AdamW + DiceCELoss."""
-    from monai.losses import DiceCELoss
-
     net = _lever_net(spec, device, toks, inference=False)
     mode = _compile_mode(toks)
-    fwd = torch.compile(net, mode=mode) if mode else net
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    x = _fmt(torch.randn(2, 1, *ROI, device=device), toks)
-    y = torch.randint(0, 3, (2, 1, *ROI), device=device).float()
     cuda = device.type == "cuda"
-
-    def step():
-        if mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = loss_fn(fwd(x), y)
-        loss.backward()
-        opt.step()
+    step = make_step(net, device, torch.bfloat16 if cuda else None,
+                     forward=torch.compile(net, mode=mode) if mode else net, prepare=lambda x: _fmt(x, toks),
+                     before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None)
 
     t0 = time.perf_counter()
     step()  # first step: compilation / cuDNN autotuning

@@ -11,7 +11,6 @@ import functools
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from monai.data import NibabelWriter
 from ..data.datasets import load_dataset
 from ..data.io import case_id, read_header
 from ..data.validation import validate_dataset
-from ..engine.infer import find_images, group_cases
+from ..engine.infer import CHANNEL_FILE, find_images, group_cases
 from ..engine.train import split_cases
 from ..utils import atomic_path
 
@@ -192,18 +191,19 @@ class AtomicNibabelWriter(NibabelWriter):
         with atomic_path(filename, suffix=".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix) as tmp:
             super().write(str(tmp), verbose=verbose, **obj_kwargs)
 
+
+def _source_file(metadict: dict | None) -> str:
+    """The (first) file an item was loaded from, as ``LoadImaged`` recorded it."""
+    source = metadict.get("filename_or_obj", "") if metadict else ""
+    return str(source[0] if isinstance(source, (list, tuple)) else source)
+
+
 def case_name(metadict: dict, saver) -> dict:
     """``SaveImaged`` name formatter: the case id of the input (``CASE`` for ``CASE.nii.gz`` and for nnU-Net's
     ``CASE_0000.nii.gz``), so predictions are named like nnU-Net's and pair with their references."""
-    source = metadict.get("filename_or_obj", "") if metadict else ""
-    if isinstance(source, (list, tuple)):
-        source = source[0]
-    name = case_id(Path(str(source)))
-    m = _CHANNEL_SUFFIX.fullmatch(name)
+    name = case_id(Path(_source_file(metadict)))
+    m = CHANNEL_FILE.fullmatch(name)
     return {"subject": m.group(1) if m else name, "idx": None}
-
-
-_CHANNEL_SUFFIX = re.compile(r"(.+)_\d{4}")
 
 
 class CaseNames:
@@ -223,10 +223,8 @@ class CaseNames:
                         self.ids[str(Path(f).resolve())] = str(item["id"])
 
     def __call__(self, metadict: dict, saver) -> dict:
-        source = metadict.get("filename_or_obj", "") if metadict else ""
-        if isinstance(source, (list, tuple)):
-            source = source[0]
-        found = self.ids.get(str(Path(str(source)).resolve())) if source else None
+        source = _source_file(metadict)
+        found = self.ids.get(str(Path(source).resolve())) if source else None
         return {"subject": found, "idx": None} if found else case_name(metadict, saver)
 
 
@@ -248,25 +246,10 @@ class EvaluateFolder:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        from ..engine.evaluate import _write_json, evaluate_folder
+        from ..engine.evaluate import evaluate_folder
 
-        labels = list(range(1, len(self.class_names)))
-        with tempfile.TemporaryDirectory() as tmp:
-            pred_dir, ref_dir = Path(self.prediction_dir), Path(self.reference_dir)
-            if self.case_ids is not None:  # only this run's cases, through links in a scratch folder
-                pred_dir, ref_dir = Path(tmp) / "pred", Path(tmp) / "ref"
-                for src, dst in ((self.prediction_dir, pred_dir), (self.reference_dir, ref_dir)):
-                    dst.mkdir()
-                    for case in self.case_ids:
-                        f = Path(src) / f"{case}.nii.gz"
-                        if f.is_file():
-                            (dst / f.name).symlink_to(f.resolve())
-            summary = evaluate_folder(pred_dir, ref_dir, labels=labels, output_dir=self.output_dir,
-                                      label_names=dict(enumerate(self.class_names)), quiet=False)
-            if self.case_ids is not None:  # name the real files, not the scratch links, in summary.json
-                for case in summary["metric_per_case"]:
-                    for key, real in (("prediction_file", self.prediction_dir), ("reference_file", self.reference_dir)):
-                        case[key] = str(Path(real) / Path(case[key]).name)
-                _write_json(summary, Path(self.output_dir) / "summary.json")
+        summary = evaluate_folder(self.prediction_dir, self.reference_dir, labels=list(range(1, len(self.class_names))),
+                                  output_dir=self.output_dir, label_names=dict(enumerate(self.class_names)),
+                                  quiet=False, case_ids=self.case_ids)
         engine.state.metrics["summary_mean_dice"] = float(summary["foreground_mean"]["Dice"])
         engine.state.metrics["summary_mean_hd95_mm"] = float(summary["foreground_mean"].get("HD95", float("nan")))

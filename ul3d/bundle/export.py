@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
 from ..config import get
 from ..data.datasets import BTCV_8ORGAN_LABEL_MAP, BTCV_CLASSES
 from .metadata import metadata_errors
@@ -52,16 +51,13 @@ def _label_map(config: dict) -> dict[int, int] | None:
 
 def _versions() -> dict[str, Any]:
     import monai
-    import nibabel
-    import SimpleITK
 
     return {
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "required_packages_version": {"ul3d": __version__, "nibabel": nibabel.__version__,
-                                      "SimpleITK": SimpleITK.Version.VersionString(), "pytorch-ignite": _version_of("pytorch-ignite"),
-                                      "tensorboard": _version_of("tensorboard")},
+        "required_packages_version": {name: _version_of(name) for name in
+                                      ("ul3d", "nibabel", "SimpleITK", "pytorch-ignite", "tensorboard")},
     }
 
 

@@ -132,7 +132,6 @@ def train_config(config: dict, net_spec: dict, template: dict, class_names: list
     """``configs/train.json``: MONAI ``SupervisedTrainer`` with sliding-window validation every ``val_every``
     iterations, the best model (validation mean Dice) saved as ``models/model.pt`` and the full state (model,
     optimizer, scheduler, trainer) as ``models/checkpoint_epoch=N.pt``; ``--resume true`` continues from it."""
-    k = len(class_names)
     balanced = get(config, "train.sampling", "posneg") == "classes"
     train_pre = preprocessing_spec(config, True, label_map, pad_to="@roi_size",
                                    class_indices="@out_channels" if balanced else None, refs=_refs(config))

@@ -359,6 +359,7 @@ def evaluate_folder(
     output_dir: str | os.PathLike | None = None,
     label_names: dict[int, str] | None = None,
     quiet: bool = False,
+    case_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every reference label map in ``ref_dir`` against the same-named prediction in ``pred_dir``.
 
@@ -374,6 +375,7 @@ def evaluate_folder(
         output_dir: where ``summary.json`` and ``metrics.csv`` are written (atomically); default ``pred_dir``.
         label_names: optional class names by label, stored in ``summary.json`` and used in the CSV and table.
         quiet: if ``False``, print :func:`format_summary_table` of the result.
+        case_ids: evaluate only these cases; other files in the folders (e.g. left by earlier runs) are ignored.
 
     Returns:
         The summary written to ``summary.json``: ``metric_per_case`` (list of ``{"metrics": {label: {...}},
@@ -394,6 +396,10 @@ def evaluate_folder(
 
     refs = _list_cases(ref_dir, "reference")
     preds = _list_cases(pred_dir, "prediction")
+    if case_ids is not None:
+        wanted = {str(c) for c in case_ids}
+        refs = {c: f for c, f in refs.items() if c in wanted}
+        preds = {c: f for c, f in preds.items() if c in wanted}
     if not refs:
         raise EvaluationError(f"reference folder {ref_dir} holds no {'/'.join(SUPPORTED_EXTENSIONS)} images.")
     for case_id in sorted(set(preds) - set(refs)):

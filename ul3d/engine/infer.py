@@ -29,7 +29,8 @@ from .train import load_checkpoint, network_from_spec
 
 __all__ = ["PATHS", "PredictionReport", "Predictor", "find_images", "group_cases", "predict_paths"]
 
-_CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")
+#: nnU-Net's per-channel file name ``CASE_XXXX`` (case, channel index)
+CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")
 
 # Execution paths of Predictor (issue 7). "auto" picks the fastest measured one for the device (benchmarks/README.md):
 # CUDA: bf16 autocast with the plain modules (the fused MKDC and channels-last measured slower on an H100); CPU:
@@ -86,7 +87,7 @@ def group_cases(files: Sequence[Path]) -> list[tuple[str, list[Path]]]:
     is a case of its own named by its file name."""
     groups: dict[str, list[tuple[int, Path]]] = {}
     for f in files:
-        m = _CHANNEL_FILE.fullmatch(case_id(f))
+        m = CHANNEL_FILE.fullmatch(case_id(f))
         key, idx = (m.group(1), int(m.group(2))) if m else (case_id(f), -1)
         groups.setdefault(key, []).append((idx, f))
     cases: list[tuple[str, list[Path]]] = []

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import LrScheduleHandler, MeanDice, TensorBoardStatsHandler, ValidationHandler, from_engine
+from monai.handlers import (
+    LrScheduleHandler,
+    MeanDice,
+    TensorBoardStatsHandler,
+    ValidationHandler,
+    from_engine,
+)
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
 from monai.transforms import AsDiscreted, Compose, EnsureTyped
