@@ -5,6 +5,7 @@ For a depth-wise ``k³`` convolution on ``(2, C, 96, 96, 96)`` (bf16) it times f
 * ``native``: ``F.conv3d(groups=C)`` — PyTorch's own depth-wise 3D CUDA kernels;
 * ``cl``: the same in channels_last_3d memory format;
 * ``fp32``: the same in float32;
+* ``triton``/``triton_fp32``: ul3d's Triton kernels (``ul3d.networks.depthwise``) in bf16/fp32;
 * ``dw2d``: the same function as a sum over the ``k`` depth taps of depth-wise 2D convolutions (cuDNN/ATen 2D kernels);
 * ``dense_group``: ``groups=C//2`` with 2 input channels per group (cuDNN's grouped path; a different function,
   shown only as the speed cuDNN reaches on a nearby shape);
@@ -20,6 +21,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from ul3d.networks.depthwise import depthwise_conv
 
 
 def _time(fn, iters: int = 20) -> float:
@@ -63,11 +66,14 @@ def main() -> None:
             x32 = torch.randn(*shape, device=dev, requires_grad=True)
             ref = F.conv3d(x32, w32, padding=k // 2, groups=c)
             check = (dw2d(x32, w32) - ref).abs().max().item()
+            check_triton = (depthwise_conv(x32, w32) - ref).abs().max().item()
             variants = {
                 "native": (torch.bfloat16, False, lambda x, w: F.conv3d(x, w, padding=k // 2, groups=c)),
                 "cl": (torch.bfloat16, True, lambda x, w: F.conv3d(x, w, padding=k // 2, groups=c)),
                 "fp32": (torch.float32, False, lambda x, w: F.conv3d(x, w, padding=k // 2, groups=c)),
                 "dw2d": (torch.bfloat16, False, dw2d),
+                "triton": (torch.bfloat16, False, depthwise_conv),
+                "triton_fp32": (torch.float32, False, depthwise_conv),
             }
             for name, (dtype, cl, fn) in variants.items():
                 x = torch.randn(*shape, device=dev, dtype=dtype)
@@ -79,7 +85,7 @@ def main() -> None:
                 g = torch.randn_like(fn(x, w))
                 both = _time(lambda: torch.autograd.grad(fn(x, w), (x, w), g))
                 rows.append({"op": f"dwconv k={k}", "channels": c, "variant": name, "fwd_ms": fwd, "fwd_bwd_ms": both,
-                             "max_abs_diff_fp32": check if name == "dw2d" else 0.0})
+                             "max_abs_diff_fp32": {"dw2d": check, "triton": check_triton}.get(name, 0.0)})
                 print(json.dumps(rows[-1]), flush=True)
             x = torch.randn(*shape, device=dev, dtype=torch.bfloat16, requires_grad=True)
             wg = torch.randn(c, 2, k, k, k, device=dev, dtype=torch.bfloat16, requires_grad=True)

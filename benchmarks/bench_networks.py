@@ -10,7 +10,8 @@ Levers (``--levers``; names joined with ``+``): ``plain``; ``cl`` channels_last(
 fused MKDC (``ul3d.networks.fast.accelerate``); ``pad1`` fused with the 1×1 branch as a zero-padded tap instead of a
 per-channel scale; ``recompute`` fused MKDC recomputed in backward (less memory); ``foldbn`` BatchNorm folded for
 inference; ``compile`` torch.compile (default mode); ``maxautotune`` mode="max-autotune-no-cudagraphs"; ``cudagraphs``
-mode="reduce-overhead" (CUDA graphs); ``ort`` ONNX Runtime (inference only); ``threads1`` one CPU thread. On CUDA each
+mode="reduce-overhead" (CUDA graphs); ``ort`` ONNX Runtime (inference only); ``threads1`` one CPU thread; ``triton`` MKDC depth-wise
+convs as ul3d's Triton kernels (``ul3d.networks.depthwise``); ``pwmm`` MKIR 1×1 convs as matrix products. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
 full sw batch (no recompilation for a new shape). ``min_gb`` is the activation traffic a training step cannot avoid:
@@ -46,9 +47,9 @@ GPU_LEVERS = ["plain", "cl", "fused", "fused+cl", "fused+recompute", "compile", 
 GPU_LEVERS_OPTIONAL = ["pad1", "maxautotune", "fused+maxautotune"]
 CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldbn", "threads1", "fused+threads1",
               "compile", "fused+compile", "ort", "fused+ort"]
-UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench"]  # levers that apply to MONAI's UNet (no MKDC)
+UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cudagraphs"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
-          "cudnnbench", "fp32dw"}
+          "cudnnbench", "fp32dw", "triton", "pwmm"}
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
              ("A10", 0.6e12), ("L4", 0.3e12)]  # bytes/s, matched in this order against the device name
@@ -90,7 +91,7 @@ def make_step(net: torch.nn.Module, device: torch.device, dtype: torch.dtype | N
     input once (e.g. a memory format); ``before``: called at the start of every step (e.g. a CUDA-graph step mark)."""
     from monai.losses import DiceCELoss
 
-    forward = forward or net
+    forward = net if forward is None else forward  # not `or`: a compiled module has no truth value
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.randn(2, 1, *ROI, device=device)
@@ -166,7 +167,8 @@ def _lever_net(spec: str, device: torch.device, toks: set[str], inference: bool)
     net = build_network(name, variant or None, spatial_dims=3, in_channels=1, out_channels=3, roi_size=ROI)
     net = accelerate(net.train(not inference), fused_mkdc=bool(toks & {"fused", "pad1", "recompute"}),
                      unit_scale="pad1" not in toks, recompute="recompute" in toks,
-                     fold_bn=inference and "foldbn" in toks, channels_last="cl" in toks, mkdc_float32="fp32dw" in toks)
+                     fold_bn=inference and "foldbn" in toks, channels_last="cl" in toks, mkdc_float32="fp32dw" in toks,
+                     triton="triton" in toks, pointwise_matmul="pwmm" in toks)
     return net.to(device).train(not inference)
 
 
@@ -390,7 +392,9 @@ def run_profile(args, device: torch.device, name: str) -> None:
             toks = _tokens(lever)
             torch.backends.cudnn.benchmark = "cudnnbench" in toks
             net = _lever_net(spec, device, toks, inference=False)
-            step = make_step(net, device, torch.bfloat16)
+            mode = _compile_mode(toks)
+            step = make_step(net, device, torch.bfloat16, forward=torch.compile(net, mode=mode) if mode else net,
+                             before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None)
 
             for _ in range(3):
                 step()

@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--variant", default="base")
     p.add_argument("--compile", nargs="+", default=["false"], choices=("true", "false"))
     p.add_argument("--cache-device", default="cpu", choices=("cpu", "cuda"), help="data.cache_device of the runs")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides for every run")
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
@@ -43,7 +44,7 @@ def main() -> None:
     for comp in a.compile:
         cfg = load_config("prostate", [f"network.variant={a.variant}", f"train.iterations={a.iterations}",
                                        f"train.val_interval={a.val_interval}", f"data.num_workers={a.workers}",
-                                       f"train.compile={comp}", f"data.cache_device={a.cache_device}"])
+                                       f"train.compile={comp}", f"data.cache_device={a.cache_device}", *a.set])
         t0 = time.perf_counter()
         result = train(cfg, data, Path(tempfile.mkdtemp(prefix="run_")), quiet=True)
         total = time.perf_counter() - t0

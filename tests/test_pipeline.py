@@ -269,3 +269,21 @@ def test_group_cases_only_groups_complete_channel_sets(tmp_path):
     cases = dict(group_cases(files))
     assert cases["CASE"] == files[:2]
     assert cases["scan_0001"] == [files[2]] and cases["scan_0002"] == [files[3]] and cases["solo"] == [files[4]]
+
+
+def test_compile_and_kernel_settings(tmp_path):
+    """train.compile_mode and train.kernels are checked before any work (CUDA-graph modes are refused with a reason); on
+    CUDA a compiled run with ul3d's kernels trains and checkpoints (state_dict keys as plain)."""
+    data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=7)
+    base = FAST + ["data.spacing=[1.2,1.2,3.6]"]
+    for override, message in (("train.compile_mode=fast", "train.compile_mode must be one of"),
+                              ("train.compile_mode=reduce-overhead", "uses CUDA graphs"),
+                              ("train.kernels=sometimes", "train.kernels must be true or false")):
+        with pytest.raises(ValueError, match=message):
+            train(load_config("prostate", base + [override]), data, tmp_path / "bad", device="cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("compiled training with ul3d's kernels needs CUDA")
+    cfg = load_config("prostate", base + ["train.compile=true", "train.kernels=true"])
+    result = train(cfg, data, tmp_path / "gpu", device="cuda")
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
+    assert result.iterations == 2 and not any(k.startswith("_orig_mod") for k in ckpt["network"])

@@ -203,13 +203,41 @@ def _cache_on_gpu(setting: str, device: torch.device) -> bool:
 
 def _use_compile(setting, device: torch.device, iterations: int) -> bool:
     """``train.compile``: true, false or ``auto`` — compile on CUDA for runs of at least 2,000 iterations, where the
-    ~1.5x faster step (H100, UltraLightUNet3D base: 50 vs 75 ms, benchmarks/results/levers_cuda_h100_*.json) repays
-    the ~90 s of compilation."""
+    faster step repays the ~90 s of compilation (H100, UltraLightUNet3D base: 47 vs 71–78 ms,
+    benchmarks/results/levers_cuda_h100_*.json)."""
     if setting == "auto":
         return device.type == "cuda" and iterations >= 2000
     if isinstance(setting, bool):
         return setting and device.type == "cuda"
     raise ConfigError(f"train.compile must be true, false or auto, got {setting!r}")
+
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(setting) -> str:
+    """``train.compile_mode``: torch.compile's mode for the training step. CUDA-graph modes (``reduce-overhead``,
+    ``max-autotune``) are refused: inside MONAI's SupervisedTrainer the backward then reads activations that a later
+    graph replay overwrote (measured on an H100, 2026-11-23), although the same step replays correctly in
+    ``benchmarks/bench_networks.py --levers triton+pwmm+cudagraphs``."""
+    if setting in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(f"train.compile_mode {setting!r} uses CUDA graphs, which ul3d train does not support yet; "
+                          f"use one of {', '.join(COMPILE_MODES)}")
+    if setting not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {setting!r}")
+    return setting
+
+
+def _use_kernels(setting, device: torch.device) -> bool:
+    """``train.kernels``: true or false — ul3d's fast paths (Triton depth-wise convs in every MKDC, MKIR 1×1 convs as
+    matrix products; ``ul3d.networks.fast.accelerate``) on CUDA with Triton. Off by default: they pay only when the
+    step is replayed as CUDA graphs (H100: 21–23 ms against 40 ms), and without graphs their extra kernel launches
+    make the step slower (compiled 53 vs 47 ms, eager 81 vs 71 ms; benchmarks/results/levers_cuda_h100_*.json)."""
+    from ..networks.depthwise import triton_available
+
+    if not isinstance(setting, bool):
+        raise ConfigError(f"train.kernels must be true or false, got {setting!r}")
+    return setting and device.type == "cuda" and triton_available(device)
 
 
 def network_from_spec(spec: dict) -> torch.nn.Module:
@@ -272,6 +300,12 @@ def train(
 
     net_spec = _network_spec(config, int(channels), len(classes))
     network = network_from_spec(net_spec).to(dev)
+    kernels = _use_kernels(get(config, "train.kernels", False), dev)
+    mode = _compile_mode(get(config, "train.compile_mode", "default"))
+    if kernels:  # same parameters and function; the evaluator and the checkpoints see the same module
+        from ..networks.fast import accelerate
+
+        accelerate(network, fused_mkdc=False, triton=True, pointwise_matmul=True)
     opt_cfg = dict(get(config, "train.optimizer") or {})
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(opt_cfg.get("lr", 1e-3)),
                                   weight_decay=float(opt_cfg.get("weight_decay", 1e-5)))
@@ -345,6 +379,7 @@ def train(
         amp=use_amp,
         decollate=False,
         compile=compiled,  # the training forward/backward only; validation and checkpoints use the plain module
+        compile_kwargs={"mode": mode} if compiled else None,
     )
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
     TensorBoardStatsHandler(summary_writer=writer, iteration_log=True, epoch_log=False, tag_name="train/loss",
@@ -412,7 +447,7 @@ def train(
     if start < total:
         _log(f"[ul3d train] {len(train_items)} training / {len(val_items)} validation cases, classes {classes}, "
              f"network {net_spec['name']}{':' + net_spec['variant'] if net_spec['variant'] else ''} on {dev}"
-             f"{' (torch.compile)' if compiled else ''}")
+             f"{f' (torch.compile, {mode})' if compiled else ''}{' with ul3d kernels' if kernels else ''}")
         trainer.run()
     writer.close()
     return TrainResult(out, best_path if best_path.exists() else None, last_path, best["metric"], best["iteration"],

@@ -32,6 +32,8 @@ def accelerate(
     fold_bn: bool = False,
     copy_model: bool = False,
     mkdc_float32: bool = False,
+    triton: bool = False,
+    pointwise_matmul: bool = False,
 ) -> nn.Module:
     """Switch ``model`` (in place, or a deep copy with ``copy_model=True``) to the fast paths; returns it.
 
@@ -47,8 +49,13 @@ def accelerate(
         fold_bn: inference only: fold eval-mode BatchNorm into the convs (:func:`fold_batchnorm`, returns a copy).
         mkdc_float32: under autocast, compute every MKDC (depth-wise convs, BatchNorm, ReLU6, sum) in float32: the same
             function at higher precision, and faster on CUDA where the bfloat16 depth-wise/BatchNorm kernels are slow.
+        triton: every MKDC computes its depth-wise convs with ul3d's Triton kernels (:mod:`ul3d.networks.depthwise`)
+            wherever they are available (CUDA tensors with Triton installed), and keeps its norm/activation modules;
+            elsewhere (CPU, TorchScript, export) the plain modules run. Takes precedence over ``fused_mkdc``.
+        pointwise_matmul: every MKIR computes its 1×1 convs (expand, project, shortcut) as matrix products over the
+            flattened volume (cuBLAS instead of cuDNN's channels-first 3D kernels).
     """
-    from .blocks.multikernel import MKDC
+    from .blocks.multikernel import MKDC, MKIR
 
     if fold_bn:
         model = fold_batchnorm(model)
@@ -60,6 +67,9 @@ def accelerate(
             m.fused_unit_scale = bool(unit_scale)
             m.fused_recompute = bool(recompute)
             m.float32 = bool(mkdc_float32)
+            m.triton = bool(triton)
+        if isinstance(m, MKIR):
+            m.pointwise_matmul = bool(pointwise_matmul)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
         model = model.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)

@@ -16,7 +16,28 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual"]
+from ..depthwise import depthwise_conv, triton_available, unsupported_conv
+
+__all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
+           "pointwise_conv"]
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1×1 convolution (``groups=1``, stride 1) as one matrix product per sample over the flattened spatial dims:
+    ``y[b] = W · x[b]`` with ``W`` of shape ``(out, in)``; ``weight`` is the conv's ``(out, in, 1, ...)`` tensor.
+
+    The same function as ``F.conv{N}d(x, weight, bias)``; autocast runs it in its matmul dtype.
+    """
+    b, c = x.shape[:2]
+    y = torch.matmul(weight.reshape(weight.shape[0], c), x.reshape(b, c, -1)).reshape(b, weight.shape[0], *x.shape[2:])
+    return y if bias is None else y + bias.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _pointwise_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A MONAI ``Convolution`` block (1×1 conv, then its norm/act) with the conv as :func:`pointwise_conv`."""
+    y = pointwise_conv(x, block.conv.weight, block.conv.bias)
+    adn = getattr(block, "adn", None)
+    return y if adn is None else adn(y)
 
 
 class ChannelShuffle(nn.Module):
@@ -108,6 +129,9 @@ class MKDC(nn.Module):
         # ``float32``: under autocast, run the branches in float32 (PyTorch's depth-wise 3D and BatchNorm kernels are
         # faster in float32 than in bfloat16 on CUDA, benchmarks/results/depthwise_cuda_h100_2026-11-23.json)
         self.float32 = False
+        # ``triton``: each branch's depth-wise conv runs ul3d's Triton kernels (:mod:`ul3d.networks.depthwise`) where they
+        # are available (CUDA), followed by the branch's own norm and activation modules
+        self.triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # TorchScript (and exports) always see the plain modules
@@ -119,6 +143,8 @@ class MKDC(nn.Module):
 
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        if self.triton and self.triton_unsupported() is None and triton_available(x.device):
+            return self.forward_triton(x)
         if self.fused and self.fused_unsupported() is None:
             return self.forward_fused(x)
         return self.forward_plain(x)
@@ -127,6 +153,32 @@ class MKDC(nn.Module):
         out = None
         for branch in self.branches:
             y = branch(x)
+            out = y if out is None else out + y
+            if not self.parallel:
+                x = x + y
+        return self.shuffle(out)
+
+    @torch.jit.unused
+    def triton_unsupported(self) -> str | None:
+        """Why :meth:`forward_triton` cannot compute this block's function, or None when it can."""
+        for branch in self.branches:
+            why = unsupported_conv(getattr(branch, "conv", None))
+            if why is not None:
+                return why
+        return None
+
+    @torch.jit.unused
+    def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_plain` with each branch's depth-wise conv computed by :func:`~ul3d.networks.depthwise.
+        depthwise_conv` (Triton kernels on CUDA) and the branch's own norm/activation modules after it, so parameters,
+        running statistics and the function are the plain forward's."""
+        out = None
+        for branch in self.branches:
+            conv = branch.conv
+            y = depthwise_conv(x, conv.weight, conv.bias)
+            adn = getattr(branch, "adn", None)
+            if adn is not None:
+                y = adn(y)
             out = y if out is None else out + y
             if not self.parallel:
                 x = x + y
@@ -143,6 +195,8 @@ class MKDC(nn.Module):
             if not isinstance(conv, nn.modules.conv._ConvNd) or adn is None or conv.transposed:
                 return "branch is not conv -> ADN"
             k = conv.kernel_size[0]
+            if any(s != 1 for s in conv.stride):
+                return "strided branches"
             if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels \
                     or any(d != 1 for d in conv.dilation) or set(conv.kernel_size) != {k} \
                     or tuple(conv.padding) != (k // 2,) * len(conv.kernel_size) or conv.padding_mode != "zeros":
@@ -331,11 +385,24 @@ class MKIR(nn.Module):
             self.shortcut: nn.Module = Conv[Conv.CONV, spatial_dims](in_channels, out_channels, kernel_size=1, bias=False)
         else:
             self.shortcut = nn.Identity()
+        # Fast path (issue 7), off by default, switched on by ``ul3d.networks.fast.accelerate(pointwise_matmul=True)``:
+        # the 1×1 convs (expand, project, shortcut) as matrix products (:func:`pointwise_conv`); same parameters.
+        self.pointwise_matmul = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.pointwise_matmul:
+            return self._forward_matmul(x)
         out = self.project(self.mkdc(self.expand(x)))
         if self.residual:
             out = out + self.shortcut(x)
+        return out
+
+    @torch.jit.unused
+    def _forward_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out = _pointwise_block(self.project, self.mkdc(_pointwise_block(self.expand, x)))
+        if self.residual:
+            sc = self.shortcut
+            out = out + (pointwise_conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x)
         return out
 
 

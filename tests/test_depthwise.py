@@ -1,0 +1,181 @@
+"""ul3d's Triton depth-wise convolution (issue 7) computes F.conv{1,2,3}d's function, alone, inside MKDC and in a
+whole network. Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ul3d.networks import get_network
+from ul3d.networks.blocks.multikernel import MKDC, MKIR
+from ul3d.networks.depthwise import depthwise_conv, kernel_name, triton_available, unsupported_conv
+from ul3d.networks.fast import accelerate
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="Triton is not installed")
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _reference(x, w, b):
+    dims = x.dim() - 2
+    return (F.conv1d, F.conv2d, F.conv3d)[dims - 1](x, w, b, 1, tuple(k // 2 for k in w.shape[2:]), 1, x.shape[1])
+
+
+@pytest.mark.parametrize("shape,kernel", [
+    ((2, 3, 5, 7, 9), (3, 3, 3)),
+    ((1, 2, 6, 5, 11), (5, 5, 5)),
+    ((1, 2, 3, 4, 37), (1, 3, 5)),  # anisotropic kernel; W spans two tiles
+    ((2, 3, 9, 10), (3, 3)),
+    ((2, 2, 13), (5,)),
+    ((1, 2, 4, 6, 40), (3, 5, 7)),  # the widest kernel of the Triton weight gradient
+    ((2, 4, 3, 3, 3), (1, 1, 1)),  # 1×1×1: a per-channel scale
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_depthwise_conv_matches_conv_forward_and_gradients(shape, kernel, bias):
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    w = torch.randn(shape[1], 1, *kernel, device=DEVICE, requires_grad=True)
+    b = torch.randn(shape[1], device=DEVICE, requires_grad=True) if bias else None
+    inputs = (x, w) + ((b,) if bias else ())
+    y, ref = depthwise_conv(x, w, b), _reference(x, w, b)
+    assert kernel_name(x) == "triton"
+    assert ref.abs().max() > 0.1 and (y - ref).abs().max() <= 1e-4
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_depthwise_conv_rejects_what_it_does_not_compute():
+    with pytest.raises(ValueError, match="depth-wise"):
+        depthwise_conv(torch.randn(1, 3, 4, 4), torch.randn(3, 1, 2, 2))  # even kernel
+    with pytest.raises(ValueError, match="depth-wise"):
+        depthwise_conv(torch.randn(1, 3, 4, 4), torch.randn(3, 2, 3, 3))  # not depth-wise
+
+
+def test_float64_uses_pytorch_conv():
+    x = torch.randn(1, 2, 4, 5, 6, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(2, 1, 3, 3, 3, dtype=torch.float64, device=DEVICE)
+    assert torch.equal(depthwise_conv(x, w), _reference(x, w, None))
+
+
+def test_custom_operator_passes_torch_library_opcheck():
+    """PyTorch's own checks of a custom operator: fake (meta) kernel, autograd registration, schema."""
+    x = torch.randn(1, 2, 3, 4, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 3, 3, 3, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.ul3d.depthwise_conv.default, (x, w))
+
+
+def test_unsupported_conv_reasons():
+    conv = torch.nn.Conv3d
+    assert unsupported_conv(conv(4, 4, 3, padding=1, groups=4, bias=False)) is None
+    assert "depth-wise" in unsupported_conv(conv(4, 4, 3, padding=1, groups=2))
+    assert "strided" in unsupported_conv(conv(4, 4, 3, stride=2, padding=1, groups=4))
+    assert "same" in unsupported_conv(conv(4, 4, 3, padding=0, groups=4))
+    assert "padding mode" in unsupported_conv(conv(4, 4, 3, padding=1, groups=4, padding_mode="reflect"))
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("train", [True, False])
+def test_triton_mkdc_is_the_same_function(dims, train):
+    """MKIR (expand -> MKDC(1, 3, 5) -> project, with shortcut): output, gradients and BatchNorm running statistics."""
+    ref = MKIR(dims, 2, 3, kernels=(1, 3, 5)).to(DEVICE)
+    fast = accelerate(copy.deepcopy(ref), triton=True)
+    assert fast.mkdc.triton and fast.mkdc.triton_unsupported() is None
+    for _ in range(2):  # the running statistics evolve identically
+        ref.train(train)
+        fast.train(train)
+        x = torch.randn((2, 2) + (5,) * dims, device=DEVICE) * 2 + 0.5
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = ref(x1), fast(x2)
+        assert (a - b).abs().max() <= 1e-4
+        g = torch.randn_like(a)
+        a.backward(g)
+        b.backward(g)
+        assert (x1.grad - x2.grad).abs().max() <= 1e-4
+        ga, gb = _grads(ref), _grads(fast)
+        for name in ga:
+            assert (ga[name] - gb[name]).abs().max() <= 1e-4 * max(1.0, ga[name].abs().max().item()), name
+        ref.zero_grad()
+        fast.zero_grad()
+    for (name, p), q in zip(ref.named_buffers(), fast.buffers()):
+        assert torch.allclose(p.float(), q.float(), atol=1e-5), name
+    assert ref.state_dict().keys() == fast.state_dict().keys()
+
+
+def test_triton_mkdc_falls_back_where_it_does_not_apply():
+    block = accelerate(MKDC(3, 4, stride=2), triton=True, fused_mkdc=False)
+    assert block.triton and "strided" in block.triton_unsupported()
+    x = torch.randn(1, 4, 6, 6, 6)
+    torch.testing.assert_close(block(x), block.forward_plain(x))
+
+
+@cuda_only  # Triton's interpreter takes minutes for a whole network on CPU; the blocks are compared above
+@pytest.mark.parametrize("variant", ["T", "base"])
+def test_triton_network_is_the_same_function(variant):
+    """UltraLightUNet3D with BatchNorm statistics (eval mode), fp32 without TF32: forward, input gradient and every
+    parameter gradient. (In training mode the 1-voxel bottleneck's batch statistics amplify fp32 rounding to ~1e-4 even
+    between two plain runs, see tests/test_fast.py; training is compared per block above.)"""
+    torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
+    net = get_network("ultralightunet", variant, spatial_dims=3, in_channels=1, out_channels=3).to(DEVICE)
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(2, 1, 32, 32, 32, device=DEVICE) * 3 + 1)
+    net.eval()
+    fast = accelerate(copy.deepcopy(net), triton=True)
+    x = torch.randn(2, 1, 48, 48, 48, device=DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = net(x1), fast(x2)
+    assert (a - b).abs().max() <= 1e-4
+    a.square().mean().backward()
+    b.square().mean().backward()
+    assert (x1.grad - x2.grad).abs().max() <= 1e-4
+    ga, gb = _grads(net), _grads(fast)
+    worst = max(((ga[n] - gb[n]).abs().max() / max(1.0, ga[n].abs().max().item())).item() for n in ga)
+    assert worst <= 1e-4
+
+
+@cuda_only
+def test_triton_mkdc_under_autocast_and_compile():
+    ref = MKIR(3, 16, 16).cuda()
+    fast = accelerate(copy.deepcopy(ref), triton=True)
+    x = torch.randn(2, 16, 24, 24, 24, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = ref(x)
+        b = fast(x)
+        c = torch.compile(fast)(x)
+    assert b.dtype == a.dtype
+    assert (a.float() - b.float()).abs().max() <= 0.05 * a.float().abs().max()
+    assert (b.float() - c.float()).abs().max() <= 0.05 * a.float().abs().max()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("cin,cout", [(4, 6), (6, 6)])
+def test_pointwise_matmul_mkir_is_the_same_function(dims, cin, cout):
+    """MKIR with its 1×1 convs (expand, project, projection shortcut) as matrix products, on the CPU."""
+    ref = MKIR(dims, cin, cout)
+    fast = accelerate(copy.deepcopy(ref), pointwise_matmul=True, fused_mkdc=False)
+    assert fast.pointwise_matmul and not ref.pointwise_matmul
+    x = torch.randn((2, cin) + (5,) * dims)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = ref(x1), fast(x2)
+    assert (a - b).abs().max() <= 1e-4
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    assert (x1.grad - x2.grad).abs().max() <= 1e-4
+    ga, gb = _grads(ref), _grads(fast)
+    for name in ga:
+        assert (ga[name] - gb[name]).abs().max() <= 1e-4 * max(1.0, ga[name].abs().max().item()), name
+    assert list(ref.state_dict()) == list(fast.state_dict())
+
+
+def test_wide_kernels_use_pytorch_conv():
+    x = torch.randn(1, 2, 3, 4, 12, device=DEVICE)
+    w = torch.randn(2, 1, 1, 1, 9, device=DEVICE)
+    assert torch.equal(depthwise_conv(x, w), _reference(x, w, None))
+    assert "wider" in unsupported_conv(torch.nn.Conv3d(2, 2, (1, 1, 9), padding=(0, 0, 4), groups=2))

@@ -1,0 +1,218 @@
+"""Depth-wise convolution as Triton kernels, for the MKDC branches (issue 7).
+
+PyTorch's native CUDA depth-wise 3D kernels take 23 ms of a 75 ms H100 training step of UltraLightUNet3D (base), most
+of it in the weight and input gradients (``benchmarks/results/profile_cuda_h100_2026-11-23.json``). This module
+computes the same function, ``y[n, c, p] = Σ_t w[c, t] · x[n, c, p + t − k//2]`` (stride 1, zero "same" padding, odd
+kernel sizes up to 7 along the last axis, 1–3 spatial dimensions), with three tiled Triton kernels:
+
+* forward: each program computes one ``BD×BH×BW`` output tile of one ``(n, c)`` plane, looping over the kernel taps
+  with loads of the shifted tile of a zero-padded input copy (one fixed offset per tap, fp32 accumulation);
+* input gradient: the same kernel on the output gradient with the kernel flipped (stride 1, "same" padding);
+* weight gradient: each program takes one ``(n, c)`` plane, one ``(kd, kh)`` tap row and a run of tiles, keeps one
+  accumulator tile per ``kw`` tap and reduces each once at the end; the partial sums are added up in PyTorch.
+
+The kernels are registered as the custom operators ``ul3d::depthwise_conv`` and ``ul3d::depthwise_conv_backward``, so
+``torch.compile`` keeps them as opaque calls and autograd uses the backward above. A 1×1×1 depth-wise conv is a
+per-channel scale and is computed with PyTorch element-wise ops (which ``torch.compile`` fuses with its neighbours).
+
+:func:`depthwise_conv` runs the kernels on CUDA tensors when Triton is importable, and on CPU tensors only under
+Triton's interpreter (``TRITON_INTERPRET=1``, used by the tests on machines without a GPU); otherwise it calls
+``torch.nn.functional.conv{1,2,3}d``. TorchScript and ONNX export always see the plain convolution modules.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["depthwise_conv", "triton_available", "unsupported_conv", "kernel_name", "MAX_KERNEL_W"]
+
+#: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
+MAX_KERNEL_W = 7
+
+
+_TRITON: list = []  # [triton module or None], filled on first use (a plain global: torch.compile traces it cheaply)
+
+
+def _triton():
+    """The Triton module, or None when it cannot be imported."""
+    if not _TRITON:
+        try:
+            import triton
+            import triton.language  # noqa: F401
+        except Exception:  # noqa: BLE001 - any import failure means "no Triton"
+            triton = None
+        _TRITON.append(triton)
+    return _TRITON[0]
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """True when :func:`depthwise_conv` runs its Triton kernels for tensors on ``device``."""
+    device = torch.device(device)
+    if _triton() is None:
+        return False
+    return (device.type == "cuda" and not _interpret()) or (device.type == "cpu" and _interpret())
+
+
+def unsupported_conv(conv: nn.Module) -> str | None:
+    """Why :func:`depthwise_conv` cannot replace ``conv``, or None when it computes the same function."""
+    if not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed:
+        return f"{type(conv).__name__} is not a convolution"
+    k = conv.kernel_size
+    if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels:
+        return "not depth-wise (groups = in = out channels)"
+    if any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation):
+        return "strided or dilated"
+    if any(kk % 2 == 0 for kk in k) or tuple(conv.padding) != tuple(kk // 2 for kk in k):
+        return "not an odd kernel with 'same' padding"
+    if k[-1] > MAX_KERNEL_W:
+        return f"kernel {tuple(k)} wider than {MAX_KERNEL_W} along the last axis"
+    if conv.padding_mode != "zeros":
+        return f"padding mode {conv.padding_mode!r}"
+    return None
+
+
+def _kernels():
+    from . import _depthwise_kernels as k
+
+    return k.dw_forward, k.dw_weight_grad
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _blocks(shape: tuple[int, int, int], elements: int) -> tuple[int, int, int]:
+    """Tile sizes (powers of two, ``elements`` in all) for a ``(D, H, W)`` volume: 32 wide (16 for narrow volumes),
+    then H, then D; few distinct tiles keep Triton's compiled variants few."""
+    d, h, w = shape
+    bw = 32 if w > 16 else 16
+    if d == 1:  # 2D (and 1D) inputs
+        return 1, min(elements // bw, _pow2(h)), bw
+    bh = 8
+    return max(elements // (bw * bh), 1), bh, bw
+
+
+def _padded(x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
+    kd, kh, kw = kernel
+    return F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kd // 2, kd // 2)).contiguous()
+
+
+def _launch_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (N, C, D, H, W) contiguous, w (C, KD, KH, KW) contiguous in x's dtype."""
+    fwd, _ = _kernels()
+    n, c, d, h, wd = x.shape
+    kd, kh, kw = w.shape[1:]
+    y = torch.empty_like(x)
+    bd, bh, bw = _blocks((d, h, wd), 1024)
+    td, th, tw = -(-d // bd), -(-h // bh), -(-wd // bw)
+    fwd[(td * th * tw, n * c)](_padded(x, (kd, kh, kw)), w, y, c, d, h, wd, th, tw, KD=kd, KH=kh, KW=kw,
+                               BD=bd, BH=bh, BW=bw, num_warps=4)
+    return y
+
+
+def _launch_weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
+    """Σ over batch and space of g · shifted x, (C, KD, KH, KW) in float32."""
+    _, wgrad = _kernels()
+    n, c, d, h, wd = x.shape
+    kd, kh, kw = kernel
+    bd, bh, bw = _blocks((d, h, wd), 1024)
+    th, tw = -(-h // bh), -(-wd // bw)
+    tiles = -(-d // bd) * th * tw
+    # split each plane's tiles into runs so that about 4096 programs share the GPU
+    splits = max(1, min(tiles, -(-4096 // (n * c * kd * kh))))
+    per = -(-tiles // splits)
+    splits = -(-tiles // per)
+    part = torch.empty((splits, n, c, kd * kh * kw), device=x.device, dtype=torch.float32)
+    wgrad[(n * c, kd * kh, splits)](_padded(x, kernel), g, part, c, d, h, wd, th, tw, n * c, tiles, per,
+                                    KD=kd, KH=kh, KW=kw, BD=bd, BH=bh, BW=bw, num_warps=4)
+    return part.sum((0, 1)).reshape(c, kd, kh, kw)
+
+
+@torch.library.custom_op("ul3d::depthwise_conv", mutates_args=())
+def _depthwise_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _launch_forward(x, weight)
+
+
+@_depthwise_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("ul3d::depthwise_conv_backward", mutates_args=())
+def _depthwise_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = grad.contiguous()
+    grad_x = _launch_forward(grad, weight.flip((1, 2, 3)).contiguous())
+    grad_w = _launch_weight_grad(x, grad, tuple(weight.shape[1:])).to(weight.dtype)
+    return grad_x, grad_w
+
+
+@_depthwise_backward_op.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_w = _depthwise_backward_op(grad, x, weight)
+    return grad_x, grad_w
+
+
+_depthwise_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kernel_name(x: torch.Tensor) -> str:
+    """"triton" when :func:`depthwise_conv` runs its kernels for ``x``, else "aten"."""
+    return "triton" if triton_available(x.device) else "aten"
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Depth-wise convolution, stride 1, zero "same" padding: ``F.conv{N}d(x, weight, bias, padding=k//2, groups=C)``.
+
+    Args:
+        x: ``(B, C, *S)`` with 1–3 spatial dimensions.
+        weight: ``(C, 1, *k)``, odd kernel sizes.
+        bias: optional ``(C,)``.
+
+    Under autocast the convolution runs in the autocast dtype, as PyTorch's convolutions do; the Triton kernels
+    accumulate in float32. Inputs in other dtypes (float64), kernels wider than :data:`MAX_KERNEL_W` and devices
+    without the kernels use ``F.conv{N}d``.
+    """
+    dims = x.dim() - 2
+    kernel = tuple(weight.shape[2:])
+    if not 1 <= dims <= 3 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1 or len(kernel) != dims \
+            or any(k % 2 == 0 for k in kernel):
+        raise ValueError(f"depthwise_conv: input {tuple(x.shape)} and weight {tuple(weight.shape)} are not a "
+                         "depth-wise convolution with odd kernel sizes")
+    if not triton_available(x.device) or kernel[-1] > MAX_KERNEL_W \
+            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        return conv(x, weight, bias, 1, tuple(k // 2 for k in kernel), 1, x.shape[1])
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    else:
+        weight = weight.to(x.dtype)
+    b, c = x.shape[:2]
+    view = (1, c) + (1,) * dims
+    if all(k == 1 for k in kernel):  # a per-channel scale
+        y = x * weight.reshape(view)
+    else:
+        pad = (1,) * (3 - dims)
+        x5 = x.reshape(b, c, *pad, *x.shape[2:]).contiguous()
+        w4 = weight.reshape(c, *pad, *kernel).contiguous()
+        y = _depthwise_op(x5, w4).reshape(x.shape)
+    return y if bias is None else y + bias.reshape(view)
