@@ -208,7 +208,7 @@ def test_predict_default_path_matches_plain(prostate_checkpoint):
     data, ckpt = prostate_checkpoint
     image = load_dataset(data).training[0]["image"]
     auto, ref = Predictor([ckpt], device="cpu"), Predictor([ckpt], device="cpu", path="plain")
-    assert auto.path == "cpu channels_last + folded BatchNorm" and ref.path == "cpu fp32 plain"
+    assert auto.path == "cpu channels_last + folded BatchNorm + outer-product stem" and ref.path == "cpu fp32 plain"
     assert "path: cpu channels_last" in auto.description
     (labels, probs), (ref_labels, ref_probs) = auto.predict_file(image), ref.predict_file(image)
     assert np.abs(probs - ref_probs).max() <= 1e-4
@@ -236,3 +236,25 @@ def test_mkdc_float32_is_the_same_function_and_runs_in_float32_under_autocast():
     assert y.dtype == torch.float32 and y_bf16.dtype == torch.bfloat16
     assert (y - plain_block(x.bfloat16().float())).abs().max().item() < 1e-5  # float32 math on the bf16 input
     torch.jit.script(fast)  # TorchScript keeps the plain path
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("train", [True, False])
+def test_outer_product_stem_is_the_same_function(dims, train):
+    """MKIR with a one-channel input: expand and shortcut 1×1 convs as broadcast multiplies (the CPU default of
+    ul3d predict); output, gradients and running statistics as plain. Wider inputs keep the plain forward."""
+    ref, fast = _pair(MKIR(dims, 1, 8), outer_product=True, fused_mkdc=False)
+    assert fast.outer_product
+    _compare(ref, fast, (2, 1) + (6,) * dims, train)
+    wide = accelerate(MKIR(dims, 2, 8), outer_product=True, fused_mkdc=False).eval()
+    x = torch.randn((1, 2) + (6,) * dims)
+    torch.testing.assert_close(wide(x), wide.project(wide.mkdc(wide.expand(x))) + wide.shortcut(x))
+
+
+def test_outer_product_with_folded_batchnorm_channels_last_network():
+    net = _with_statistics(get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3,
+                                       init="default"), (2, 1, 32, 32, 32))
+    fast = accelerate(net, fold_bn=True, channels_last=True, outer_product=True, fused_mkdc=False)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert (net(x) - fast(x.to(memory_format=torch.channels_last_3d))).abs().max() <= 1e-4

@@ -34,6 +34,7 @@ def accelerate(
     mkdc_float32: bool = False,
     triton: bool = False,
     pointwise_matmul: bool = False,
+    outer_product: bool = False,
 ) -> nn.Module:
     """Switch ``model`` (in place, or a deep copy with ``copy_model=True``) to the fast paths; returns it.
 
@@ -54,6 +55,8 @@ def accelerate(
             elsewhere (CPU, TorchScript, export) the plain modules run. Takes precedence over ``fused_mkdc``.
         pointwise_matmul: every MKIR computes its 1×1 convs (expand, project, shortcut) as matrix products over the
             flattened volume (cuBLAS instead of cuDNN's channels-first 3D kernels).
+        outer_product: every MKIR with a one-channel input computes its 1×1 expand and shortcut convs as broadcast
+            multiplies (``ul3d predict``'s CPU default: oneDNN is slow on one-channel channels-last 1×1 convs).
     """
     from .blocks.multikernel import MKDC, MKIR
 
@@ -70,6 +73,7 @@ def accelerate(
             m.triton = bool(triton)
         if isinstance(m, MKIR):
             m.pointwise_matmul = bool(pointwise_matmul)
+            m.outer_product = bool(outer_product)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
         model = model.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..depthwise import depthwise_conv, triton_available, unsupported_conv
 
 __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
-           "pointwise_conv"]
+           "pointwise_conv", "outer_product_conv"]
 
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,9 +33,18 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y if bias is None else y + bias.reshape(1, -1, *([1] * (x.dim() - 2)))
 
 
-def _pointwise_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A MONAI ``Convolution`` block (1×1 conv, then its norm/act) with the conv as :func:`pointwise_conv`."""
-    y = pointwise_conv(x, block.conv.weight, block.conv.bias)
+def outer_product_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1×1 convolution of a one-channel input, ``(B, 1, *S) -> (B, out, *S)``, as one broadcast multiply
+    ``x · w[:, 0]`` (plus bias): the same function as ``F.conv{N}d(x, weight, bias)``. oneDNN takes 0.84 s for this
+    conv (batch 4 × 96³, 1 -> 16 channels, channels-last) on a 2-core CPU, where the multiply takes a memory pass."""
+    view = (1, weight.shape[0]) + (1,) * (x.dim() - 2)
+    y = x * weight.reshape(view)
+    return y if bias is None else y + bias.reshape(view)
+
+
+def _pointwise_block(block: nn.Module, x: torch.Tensor, conv=pointwise_conv) -> torch.Tensor:
+    """A MONAI ``Convolution`` block (1×1 conv, then its norm/act) with the conv computed by ``conv``."""
+    y = conv(x, block.conv.weight, block.conv.bias)
     adn = getattr(block, "adn", None)
     return y if adn is None else adn(y)
 
@@ -388,10 +397,15 @@ class MKIR(nn.Module):
         # Fast path (issue 7), off by default, switched on by ``ul3d.networks.fast.accelerate(pointwise_matmul=True)``:
         # the 1×1 convs (expand, project, shortcut) as matrix products (:func:`pointwise_conv`); same parameters.
         self.pointwise_matmul = False
+        # ``outer_product`` (``accelerate(outer_product=True)``, ``ul3d predict``'s CPU default): with one input channel
+        # (the first encoder stage) expand and shortcut are broadcast multiplies (:func:`outer_product_conv`)
+        self.outer_product = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.pointwise_matmul:
             return self._forward_matmul(x)
+        if not torch.jit.is_scripting() and self.outer_product and x.shape[1] == 1:
+            return self._forward_outer(x)
         out = self.project(self.mkdc(self.expand(x)))
         if self.residual:
             out = out + self.shortcut(x)
@@ -403,6 +417,14 @@ class MKIR(nn.Module):
         if self.residual:
             sc = self.shortcut
             out = out + (pointwise_conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x)
+        return out
+
+    @torch.jit.unused
+    def _forward_outer(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.mkdc(_pointwise_block(self.expand, x, outer_product_conv)))
+        if self.residual:
+            sc = self.shortcut
+            out = out + (outer_product_conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x)
         return out
 
 
