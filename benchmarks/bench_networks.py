@@ -12,7 +12,8 @@ per-channel scale; ``recompute`` fused MKDC recomputed in backward (less memory)
 inference; ``compile`` torch.compile (default mode); ``maxautotune`` mode="max-autotune-no-cudagraphs"; ``cudagraphs``
 mode="reduce-overhead" (CUDA graphs); ``ort`` ONNX Runtime (inference only); ``threads1`` one CPU thread; ``triton`` MKDC depth-wise
 convs as ul3d's Triton kernels (``ul3d.networks.depthwise``); ``pwmm`` MKIR 1×1 convs as matrix products;
-``outer`` one-channel 1×1 convs as broadcast multiplies. On CUDA each
+``outer`` one-channel 1×1 convs as broadcast multiplies;
+``inplace`` in-place activations and sums (inference). On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
 full sw batch (no recompilation for a new shape). ``min_gb`` is the activation traffic a training step cannot avoid:
@@ -50,7 +51,7 @@ CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldb
               "compile", "fused+compile", "ort", "fused+ort"]
 UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cudagraphs"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
-          "cudnnbench", "fp32dw", "triton", "pwmm", "outer"}
+          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace"}
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
              ("A10", 0.6e12), ("L4", 0.3e12)]  # bytes/s, matched in this order against the device name
@@ -170,7 +171,7 @@ def _lever_net(spec: str, device: torch.device, toks: set[str], inference: bool)
                      unit_scale="pad1" not in toks, recompute="recompute" in toks,
                      fold_bn=inference and "foldbn" in toks, channels_last="cl" in toks, mkdc_float32="fp32dw" in toks,
                      triton="triton" in toks, pointwise_matmul="pwmm" in toks,
-                     outer_product="outer" in toks)
+                     outer_product="outer" in toks, inplace=inference and "inplace" in toks)
     return net.to(device).train(not inference)
 
 

@@ -208,7 +208,7 @@ def test_predict_default_path_matches_plain(prostate_checkpoint):
     data, ckpt = prostate_checkpoint
     image = load_dataset(data).training[0]["image"]
     auto, ref = Predictor([ckpt], device="cpu"), Predictor([ckpt], device="cpu", path="plain")
-    assert auto.path == "cpu channels_last + folded BatchNorm + outer-product stem" and ref.path == "cpu fp32 plain"
+    assert auto.path == "cpu channels_last + folded BatchNorm + outer-product stem + in-place" and ref.path == "cpu fp32 plain"
     assert "path: cpu channels_last" in auto.description
     (labels, probs), (ref_labels, ref_probs) = auto.predict_file(image), ref.predict_file(image)
     assert np.abs(probs - ref_probs).max() <= 1e-4
@@ -251,10 +251,36 @@ def test_outer_product_stem_is_the_same_function(dims, train):
     torch.testing.assert_close(wide(x), wide.project(wide.mkdc(wide.expand(x))) + wide.shortcut(x))
 
 
-def test_outer_product_with_folded_batchnorm_channels_last_network():
+def test_outer_product_inplace_folded_batchnorm_channels_last_network():
     net = _with_statistics(get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3,
                                        init="default"), (2, 1, 32, 32, 32))
-    fast = accelerate(net, fold_bn=True, channels_last=True, outer_product=True, fused_mkdc=False)
+    fast = accelerate(net, fold_bn=True, channels_last=True, outer_product=True, fused_mkdc=False, inplace=True)
+    assert all(m.inplace for m in fast.modules() if isinstance(m, (nn.ReLU, nn.ReLU6)))
+    assert not any(m.inplace for m in net.modules() if isinstance(m, (nn.ReLU, nn.ReLU6)))  # the input model unchanged
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert (net(x) - fast(x.to(memory_format=torch.channels_last_3d))).abs().max() <= 1e-4
+
+
+def test_inplace_is_inference_only_and_keeps_training_exact():
+    """accelerate(inplace=True): sums accumulate in place only with autograd off; with autograd on (training) the
+    forward and every gradient equal the plain network's."""
+    from ul3d.networks.nets.ultralightunet import DecoderStage
+
+    torch.manual_seed(0)
+    net = _bounded_init(get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3)).double()
+    fast = accelerate(copy.deepcopy(net), inplace=True, fused_mkdc=False)
+    assert all(m.inplace for m in fast.modules() if isinstance(m, (MKDC, MKIR, DecoderStage)))
+    x = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = net(x1), fast(x2)
+    assert (a - b).abs().max() <= 1e-10
+    a.square().mean().backward()
+    b.square().mean().backward()
+    assert (x1.grad - x2.grad).abs().max() <= 1e-10
+    for (name, p), q in zip(net.named_parameters(), fast.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-10, name
+    net.eval(), fast.eval()
+    with torch.no_grad():
+        assert (net(x) - fast(x)).abs().max() <= 1e-10
+    assert not any(m.inplace for m in plain(fast).modules() if isinstance(m, (MKDC, MKIR, DecoderStage)))

@@ -189,12 +189,13 @@ class Predictor:
         if path == "auto" and cuda:  # the fused MKDC does not pay on the GPU (benchmarks/README.md): bf16 only
             return "cuda bf16"
         if path in ("auto", "channels_last"):  # CPU: oneDNN's channels-last depth-wise convs + BatchNorm folded, and
-            # one-channel 1×1 convs as broadcast multiplies (2-core CPU, base: 3.01 s vs 3.84 s per sliding window)
-            self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, channels_last=True, outer_product=True)
-                             for n in self.networks]
+            # one-channel 1×1 convs as broadcast multiplies, in-place activations and sums (2-core CPU, base sliding
+            # window 3.8-4.2 s -> 2.6-2.8 s, benchmarks/results/levers_cpu_2core_inplace_*.json)
+            self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, channels_last=True, outer_product=True,
+                                        inplace=True) for n in self.networks]
             self.predictors = list(self.networks)
             return (f"{self.device.type}{' bf16' if self.autocast else ''} channels_last + folded BatchNorm"
-                    " + outer-product stem")
+                    " + outer-product stem + in-place")
         for net in self.networks:
             accelerate(net)
         fused = sum(fused_mkdc_count(n)[0] for n in self.networks)

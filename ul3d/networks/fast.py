@@ -35,6 +35,7 @@ def accelerate(
     triton: bool = False,
     pointwise_matmul: bool = False,
     outer_product: bool = False,
+    inplace: bool = False,
 ) -> nn.Module:
     """Switch ``model`` (in place, or a deep copy with ``copy_model=True``) to the fast paths; returns it.
 
@@ -57,8 +58,13 @@ def accelerate(
             flattened volume (cuBLAS instead of cuDNN's channels-first 3D kernels).
         outer_product: every MKIR with a one-channel input computes its 1×1 expand and shortcut convs as broadcast
             multiplies (``ul3d predict``'s CPU default: oneDNN is slow on one-channel channels-last 1×1 convs).
+        inplace: inference: ReLU/ReLU6/Hardtanh modules overwrite their input (every one of them in ul3d's networks acts
+            on a fresh conv/norm/sum output), and with autograd off the MKDC branch sums, MKIR shortcuts and the decoder's
+            ReLU and skip sums accumulate into fresh intermediates instead of allocating new full-size tensors
+            (``ul3d predict``'s CPU default; 2-core CPU, base sliding window −25 %).
     """
     from .blocks.multikernel import MKDC, MKIR
+    from .nets.ultralightunet import DecoderStage
 
     if fold_bn:
         model = fold_batchnorm(model)
@@ -74,6 +80,10 @@ def accelerate(
         if isinstance(m, MKIR):
             m.pointwise_matmul = bool(pointwise_matmul)
             m.outer_product = bool(outer_product)
+        if inplace and isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+            m.inplace = True
+        if hasattr(m, "inplace") and isinstance(m, (MKDC, MKIR, DecoderStage)):
+            m.inplace = bool(inplace)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
         model = model.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)

@@ -49,6 +49,14 @@ def _pointwise_block(block: nn.Module, x: torch.Tensor, conv=pointwise_conv) -> 
     return y if adn is None else adn(y)
 
 
+def accumulate(total: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``total + y``; with ``inplace`` and autograd off, added into ``total`` (a fresh intermediate the caller owns),
+    which saves allocating and first-touching a new full-size tensor in inference."""
+    if inplace and not torch.is_grad_enabled():
+        return total.add_(y)
+    return total + y
+
+
 class ChannelShuffle(nn.Module):
     """Channel shuffle (Zhang et al., ShuffleNet), the ``CS`` of Eq. 2.
 
@@ -141,6 +149,8 @@ class MKDC(nn.Module):
         # ``triton``: each branch's depth-wise conv runs ul3d's Triton kernels (:mod:`ul3d.networks.depthwise`) where they
         # are available (CUDA), followed by the branch's own norm and activation modules
         self.triton = False
+        # ``inplace`` (``accelerate(inplace=True)``, inference): the branch sum accumulates in place when autograd is off
+        self.inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # TorchScript (and exports) always see the plain modules
@@ -162,7 +172,7 @@ class MKDC(nn.Module):
         out = None
         for branch in self.branches:
             y = branch(x)
-            out = y if out is None else out + y
+            out = y if out is None else accumulate(out, y, self.inplace)
             if not self.parallel:
                 x = x + y
         return self.shuffle(out)
@@ -400,6 +410,8 @@ class MKIR(nn.Module):
         # ``outer_product`` (``accelerate(outer_product=True)``, ``ul3d predict``'s CPU default): with one input channel
         # (the first encoder stage) expand and shortcut are broadcast multiplies (:func:`outer_product_conv`)
         self.outer_product = False
+        # ``inplace`` (``accelerate(inplace=True)``, inference): the shortcut is added in place when autograd is off
+        self.inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.pointwise_matmul:
@@ -408,7 +420,7 @@ class MKIR(nn.Module):
             return self._forward_outer(x)
         out = self.project(self.mkdc(self.expand(x)))
         if self.residual:
-            out = out + self.shortcut(x)
+            out = accumulate(out, self.shortcut(x), self.inplace)
         return out
 
     @torch.jit.unused
@@ -424,7 +436,8 @@ class MKIR(nn.Module):
         out = self.project(self.mkdc(_pointwise_block(self.expand, x, outer_product_conv)))
         if self.residual:
             sc = self.shortcut
-            out = out + (outer_product_conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x)
+            out = accumulate(out, outer_product_conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd)
+                             else x, self.inplace)
         return out
 
 

@@ -11,6 +11,7 @@ from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
 from ..blocks import CMFA, GAG, MKIR, MKIRA, InvertedResidual, SpatialAttention
+from ..blocks.multikernel import accumulate
 from ._utils import as_tuple, check_input, init_normal_, interpolate_mode
 
 __all__ = ["UltraLightUNet", "ULTRALIGHTUNET_VARIANTS", "EncoderStage", "DecoderStage"]
@@ -67,13 +68,17 @@ class DecoderStage(nn.Module):
         self.mode = interpolate_mode(spatial_dims)
         self.upsample_relu = upsample_relu
         self.align_corners = align_corners
+        # ``inplace`` (``accelerate(inplace=True)``, inference): ReLU and skip sum overwrite the upsampled tensor
+        # when autograd is off
+        self.inplace = False
 
     def forward(self, x: torch.Tensor, size: list[int], skip: torch.Tensor | None = None) -> torch.Tensor:
         x = F.interpolate(self.block(x), size=size, mode=self.mode, align_corners=self.align_corners)
+        inplace = self.inplace and not torch.is_grad_enabled()
         if self.upsample_relu:
-            x = torch.relu(x)
+            x = torch.relu_(x) if inplace else torch.relu(x)
         if skip is not None:
-            x = x + (self.gate(x, skip) if self.gate is not None else skip)
+            x = accumulate(x, self.gate(x, skip) if self.gate is not None else skip, inplace)
         return x
 
 
