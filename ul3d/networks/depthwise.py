@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "triton_available", "unsupported_conv", "kernel_name", "MAX_KERNEL_W"]
+__all__ = ["depthwise_conv", "triton_available", "unsupported_conv", "MAX_KERNEL_W"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
@@ -80,9 +80,9 @@ def unsupported_conv(conv: nn.Module) -> str | None:
 
 
 def _kernels():
-    from . import _depthwise_kernels as k
+    from . import _depthwise_kernels
 
-    return k.dw_forward, k.dw_weight_grad
+    return _depthwise_kernels
 
 
 def _pow2(n: int) -> int:
@@ -107,20 +107,18 @@ def _padded(x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
 
 def _launch_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (N, C, D, H, W) contiguous, w (C, KD, KH, KW) contiguous in x's dtype."""
-    fwd, _ = _kernels()
     n, c, d, h, wd = x.shape
     kd, kh, kw = w.shape[1:]
     y = torch.empty_like(x)
     bd, bh, bw = _blocks((d, h, wd), 1024)
     td, th, tw = -(-d // bd), -(-h // bh), -(-wd // bw)
-    fwd[(td * th * tw, n * c)](_padded(x, (kd, kh, kw)), w, y, c, d, h, wd, th, tw, KD=kd, KH=kh, KW=kw,
+    _kernels().dw_forward[(td * th * tw, n * c)](_padded(x, (kd, kh, kw)), w, y, c, d, h, wd, th, tw, KD=kd, KH=kh, KW=kw,
                                BD=bd, BH=bh, BW=bw, num_warps=4)
     return y
 
 
 def _launch_weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
     """Σ over batch and space of g · shifted x, (C, KD, KH, KW) in float32."""
-    _, wgrad = _kernels()
     n, c, d, h, wd = x.shape
     kd, kh, kw = kernel
     bd, bh, bw = _blocks((d, h, wd), 1024)
@@ -131,7 +129,7 @@ def _launch_weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, int
     per = -(-tiles // splits)
     splits = -(-tiles // per)
     part = torch.empty((splits, n, c, kd * kh * kw), device=x.device, dtype=torch.float32)
-    wgrad[(n * c, kd * kh, splits)](_padded(x, kernel), g, part, c, d, h, wd, th, tw, n * c, tiles, per,
+    _kernels().dw_weight_grad[(n * c, kd * kh, splits)](_padded(x, kernel), g, part, c, d, h, wd, th, tw, n * c, tiles, per,
                                     KD=kd, KH=kh, KW=kw, BD=bd, BH=bh, BW=bw, num_warps=4)
     return part.sum((0, 1)).reshape(c, kd, kh, kw)
 
@@ -171,11 +169,6 @@ def _backward(ctx, grad):
 
 
 _depthwise_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def kernel_name(x: torch.Tensor) -> str:
-    """"triton" when :func:`depthwise_conv` runs its kernels for ``x``, else "aten"."""
-    return "triton" if triton_available(x.device) else "aten"
 
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

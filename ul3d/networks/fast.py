@@ -82,7 +82,7 @@ def accelerate(
             m.outer_product = bool(outer_product)
         if inplace and isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             m.inplace = True
-        if hasattr(m, "inplace") and isinstance(m, (MKDC, MKIR, DecoderStage)):
+        if isinstance(m, (MKDC, MKIR, DecoderStage)):
             m.inplace = bool(inplace)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)

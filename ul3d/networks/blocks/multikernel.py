@@ -414,30 +414,24 @@ class MKIR(nn.Module):
         self.inplace = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.pointwise_matmul:
-            return self._forward_matmul(x)
-        if not torch.jit.is_scripting() and self.outer_product and x.shape[1] == 1:
-            return self._forward_outer(x)
+        if not torch.jit.is_scripting() and (self.pointwise_matmul or (self.outer_product and x.shape[1] == 1)):
+            return self._forward_fast(x)
         out = self.project(self.mkdc(self.expand(x)))
         if self.residual:
             out = accumulate(out, self.shortcut(x), self.inplace)
         return out
 
     @torch.jit.unused
-    def _forward_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        out = _pointwise_block(self.project, self.mkdc(_pointwise_block(self.expand, x)))
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the 1×1 convs of expand and shortcut as :func:`pointwise_conv` (``pointwise_matmul``,
+        project too) or, for a one-channel input, as :func:`outer_product_conv` (``outer_product``)."""
+        conv = pointwise_conv if self.pointwise_matmul else outer_product_conv
+        h = self.mkdc(_pointwise_block(self.expand, x, conv))
+        out = _pointwise_block(self.project, h) if self.pointwise_matmul else self.project(h)
         if self.residual:
             sc = self.shortcut
-            out = out + (pointwise_conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x)
-        return out
-
-    @torch.jit.unused
-    def _forward_outer(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.project(self.mkdc(_pointwise_block(self.expand, x, outer_product_conv)))
-        if self.residual:
-            sc = self.shortcut
-            out = accumulate(out, outer_product_conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd)
-                             else x, self.inplace)
+            out = accumulate(out, conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x,
+                             self.inplace)
         return out
 
 
