@@ -278,7 +278,8 @@ def test_compile_and_kernel_settings(tmp_path):
     base = FAST + ["data.spacing=[1.2,1.2,3.6]"]
     for override, message in (("train.compile_mode=fast", "train.compile_mode must be one of"),
                               ("train.compile_mode=reduce-overhead", "uses CUDA graphs"),
-                              ("train.kernels=sometimes", "train.kernels must be true or false")):
+                              ("train.kernels=sometimes", "train.kernels must be true, false or auto"),
+                              ("train.cuda_graph=maybe", "train.cuda_graph must be true, false or auto")):
         with pytest.raises(ValueError, match=message):
             train(load_config("prostate", base + [override]), data, tmp_path / "bad", device="cpu")
     if not torch.cuda.is_available():
@@ -287,3 +288,26 @@ def test_compile_and_kernel_settings(tmp_path):
     result = train(cfg, data, tmp_path / "gpu", device="cuda")
     ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
     assert result.iterations == 2 and not any(k.startswith("_orig_mod") for k in ckpt["network"])
+
+
+def test_cuda_graph_setting_and_resume_across_modes(tmp_path, capsys):
+    """train.cuda_graph=true falls back (and says so) without CUDA; on CUDA a graph run checkpoints, resumes eagerly
+    from its own checkpoint and a graph run resumes from an eager one (the optimizer state is converted both ways)."""
+    data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=7)
+    base = FAST + ["data.spacing=[1.2,1.2,3.6]", "train.iterations=4"]
+    result = train(load_config("prostate", base + ["train.cuda_graph=true"]), data, tmp_path / "cpu", device="cpu")
+    assert result.iterations == 4 and "train.cuda_graph needs a CUDA device; training on cpu" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA-graph training needs CUDA")
+    for first, second in (("true", "false"), ("false", "true")):
+        out = tmp_path / f"gpu_{first}"
+        cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "train.iterations=8", "train.val_interval=4",
+                                              f"train.cuda_graph={first}", "train.kernels=auto"])
+        train(cfg, data, out, device="cuda")  # stopped after 8 of 8; resume with a longer schedule in the other mode
+        cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "train.iterations=16", "train.val_interval=4",
+                                              f"train.cuda_graph={second}"])
+        result = train(cfg, data, out, device="cuda", resume=True)
+        assert result.iterations == 16 and [h["iteration"] for h in result.history] == [4, 8, 12, 16]
+        assert all(h["loss"] == h["loss"] and h["train_seconds"] > 0 for h in result.history)  # finite, timed
+        ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
+        assert ckpt["scheduler"]["last_epoch"] == 16

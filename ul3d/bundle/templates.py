@@ -134,7 +134,8 @@ def train_config(config: dict, net_spec: dict, template: dict, class_names: list
     optimizer, scheduler, trainer) as ``models/checkpoint_epoch=N.pt``; ``--resume true`` continues from it."""
     balanced = get(config, "train.sampling", "posneg") == "classes"
     train_pre = preprocessing_spec(config, True, label_map, pad_to="@roi_size",
-                                   class_indices="@out_channels" if balanced else None, refs=_refs(config))
+                                   class_indices="@out_channels" if balanced else None, refs=_refs(config),
+                                   fg_bg_indices=not balanced)
     train_aug = train_augmentation_spec(config, "@out_channels", refs={"roi_size": "@roi_size", "num_samples": "@num_samples"})
     onehot = {"_target_": "AsDiscreted", "keys": ["pred", "label"], "argmax": [True, False], "to_onehot": "@out_channels"}
     softmax = {"_target_": "Activationsd", "keys": "pred", "softmax": True}

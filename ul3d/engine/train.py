@@ -42,6 +42,7 @@ from ..data.transforms import preprocessing, train_augmentation
 from ..data.validation import validate_dataset
 from ..networks import build_network
 from ..utils import atomic_path
+from .graphed import CUDAGraphStep, conform_optimizer
 
 __all__ = ["IterationDataset", "TrainResult", "train", "split_cases", "load_checkpoint", "lr_factor", "CHECKPOINT_FORMAT"]
 
@@ -228,15 +229,28 @@ def _compile_mode(setting) -> str:
     return setting
 
 
-def _use_kernels(setting, device: torch.device) -> bool:
-    """``train.kernels``: true or false — ul3d's fast paths (Triton depth-wise convs in every MKDC, MKIR 1×1 convs as
+def _use_cuda_graph(setting, device: torch.device, iterations: int) -> bool:
+    """``train.cuda_graph``: true, false or ``auto`` — run each training step (forward, loss, backward, AdamW) as one
+    replayed CUDA graph (:class:`~ul3d.engine.graphed.CUDAGraphStep`). ``auto``: on CUDA for runs of at least 2,000
+    iterations. On a machine without CUDA it is off, whatever the setting (said in the start-up line)."""
+    if setting == "auto":
+        return device.type == "cuda" and iterations >= 2000
+    if isinstance(setting, bool):
+        return setting and device.type == "cuda"
+    raise ConfigError(f"train.cuda_graph must be true, false or auto, got {setting!r}")
+
+
+def _use_kernels(setting, device: torch.device, graphed: bool = False) -> bool:
+    """``train.kernels``: true, false or ``auto`` (on with ``train.cuda_graph``) — ul3d's fast paths (Triton depth-wise convs in every MKDC, MKIR 1×1 convs as
     matrix products; ``ul3d.networks.fast.accelerate``) on CUDA with Triton. Off by default: they pay only when the
     step is replayed as CUDA graphs (H100: 21–23 ms against 40 ms), and without graphs their extra kernel launches
     make the step slower (compiled 53 vs 47 ms, eager 81 vs 71 ms; benchmarks/results/levers_cuda_h100_*.json)."""
     from ..networks.depthwise import triton_available
 
+    if setting == "auto":
+        setting = graphed
     if not isinstance(setting, bool):
-        raise ConfigError(f"train.kernels must be true or false, got {setting!r}")
+        raise ConfigError(f"train.kernels must be true, false or auto, got {setting!r}")
     return setting and device.type == "cuda" and triton_available(device)
 
 
@@ -250,6 +264,31 @@ def network_from_spec(spec: dict) -> torch.nn.Module:
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def build_train_loader(config: dict, items: list[dict], num_classes: int, label_map: dict[int, int] | None,
+                       device: torch.device, start: int, total: int):
+    """The training loader of ``ul3d train``: cached preprocessed volumes (``data.cache_device``), then per sample the
+    random patch sampling and augmentation of :func:`~ul3d.data.transforms.train_augmentation`, batches of
+    ``train.batch_size`` volumes for iterations ``start`` to ``total`` (sample randomness fixed by ``train.seed``)."""
+    roi = [int(s) for s in get(config, "train.roi_size")]
+    seed, batch = int(get(config, "train.seed", 0)), int(get(config, "train.batch_size", 1))
+    workers = int(get(config, "data.num_workers", 0) or 0)
+    cache_rate = float(get(config, "data.cache_rate", 1.0))
+    balanced = get(config, "train.sampling", "posneg") == "classes"
+    on_gpu = _cache_on_gpu(get(config, "data.cache_device", "cpu"), device)
+    pre = preprocessing(config, label_map=label_map, pad_to=roi, class_indices=num_classes if balanced else None,
+                        fg_bg_indices=not balanced)
+    if on_gpu:  # cached volumes live on the GPU; crops and augmentation then run there too
+        pre = Compose([*pre.transforms, EnsureTyped(keys=["image", "label"], device=device)])
+    base = CacheDataset(items, pre, cache_rate=1.0 if on_gpu else cache_rate, num_workers=max(1, workers),
+                        progress=False)
+    dataset = IterationDataset(base, train_augmentation(config, num_classes, device=device if on_gpu else None), seed,
+                               total * batch)
+    sampler = _RangeSampler(start * batch, total * batch)
+    if on_gpu:  # CUDA tensors cannot cross process boundaries: a background thread prepares the next batch
+        return ThreadDataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=0, buffer_size=2)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
 
 
 def train(
@@ -295,12 +334,16 @@ def train(
         raise ConfigError(f"train.iterations ({total}) must be a positive multiple of train.val_interval ({interval})")
     roi = [int(s) for s in get(config, "train.roi_size")]
     seed = int(get(config, "train.seed", 0))
-    batch = int(get(config, "train.batch_size", 1))
     set_determinism(seed)
 
     net_spec = _network_spec(config, int(channels), len(classes))
     network = network_from_spec(net_spec).to(dev)
-    kernels = _use_kernels(get(config, "train.kernels", False), dev)
+    ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
+    start = int(ckpt["iteration"]) if ckpt else 0
+    graphed = _use_cuda_graph(get(config, "train.cuda_graph", False), dev, total - start)
+    if get(config, "train.cuda_graph", False) is True and not graphed:
+        _log(f"[ul3d train] train.cuda_graph needs a CUDA device; training on {dev} without CUDA graphs")
+    kernels = _use_kernels(get(config, "train.kernels", False), dev, graphed)
     mode = _compile_mode(get(config, "train.compile_mode", "default"))
     if kernels:  # same parameters and function; the evaluator and the checkpoints see the same module
         from ..networks.fast import accelerate
@@ -311,35 +354,21 @@ def train(
                                   weight_decay=float(opt_cfg.get("weight_decay", 1e-5)))
     scheduler = _scheduler(optimizer, config, total)
 
-    ckpt = None
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
+    if ckpt is not None:
         if ckpt["network_spec"] != net_spec:
             raise ConfigError(f"{last_path}: trained with network {ckpt['network_spec']}, the config now asks for {net_spec}")
         network.load_state_dict(ckpt["network"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-    start = int(ckpt["iteration"]) if ckpt else 0
+    # after the scheduler took its float base rates; also converts a resumed state written in the other mode
+    conform_optimizer(optimizer, capturable=graphed, device=dev)
     history: list[dict] = list(ckpt.get("history", [])) if ckpt else []
     best = dict(ckpt["best"]) if ckpt else {"metric": -1.0, "iteration": 0}
 
     workers = int(get(config, "data.num_workers", 0) or 0)
     cache_rate = float(get(config, "data.cache_rate", 1.0))
     label_map = spec.label_map
-    balanced = get(config, "train.sampling", "posneg") == "classes"
-    on_gpu = _cache_on_gpu(get(config, "data.cache_device", "cpu"), dev)
-    pre = preprocessing(config, label_map=label_map, pad_to=roi, class_indices=len(classes) if balanced else None)
-    if on_gpu:  # cached volumes live on the GPU; crops and augmentation then run there too
-        pre = Compose([*pre.transforms, EnsureTyped(keys=["image", "label"], device=dev)])
-    train_base = CacheDataset(train_items, pre, cache_rate=1.0 if on_gpu else cache_rate,
-                              num_workers=max(1, workers), progress=False)
-    train_ds = IterationDataset(train_base, train_augmentation(config, len(classes)), seed, total * batch)
-    sampler = _RangeSampler(start * batch, total * batch)
-    if on_gpu:  # CUDA tensors cannot cross process boundaries: a background thread prepares the next batch
-        train_loader = ThreadDataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=0, buffer_size=2)
-    else:
-        train_loader = DataLoader(train_ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                                  persistent_workers=workers > 0)
+    train_loader = build_train_loader(config, train_items, len(classes), label_map, dev, start, total)
 
     use_amp = bool(get(config, "train.amp", True)) and dev.type == "cuda"
     compiled = _use_compile(get(config, "train.compile", "auto"), dev, total - start)
@@ -380,6 +409,7 @@ def train(
         decollate=False,
         compile=compiled,  # the training forward/backward only; validation and checkpoints use the plain module
         compile_kwargs={"mode": mode} if compiled else None,
+        iteration_update=CUDAGraphStep() if graphed else None,  # replays one captured step (uses the compiled net)
     )
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
     TensorBoardStatsHandler(summary_writer=writer, iteration_log=True, epoch_log=False, tag_name="train/loss",
@@ -397,8 +427,10 @@ def train(
     @trainer.on(Events.EPOCH_COMPLETED)
     def _validate_and_checkpoint(engine):
         it = engine.state.iteration
-        record = {"iteration": it, "loss": engine.state.output["loss"].item(), "seconds": round(time.time() - t0, 1)}
+        record = {"iteration": it, "loss": engine.state.output["loss"].item(), "seconds": round(time.time() - t0, 1),
+                  "train_seconds": round(engine.state.times.get("EPOCH_COMPLETED") or 0.0, 2)}  # this interval's steps
         if evaluator is not None:
+            record["val_seconds"] = round(evaluator.state.times.get("COMPLETED") or 0.0, 2)
             mean = float(evaluator.state.metrics["val_mean_dice"])
             per_class = [float(v) for v in torch.as_tensor(evaluator.state.metrics["val_class_dice"]).flatten()]
             record.update(val_mean_dice=mean, val_class_dice=dict(zip(classes[1:], per_class)))
@@ -447,7 +479,8 @@ def train(
     if start < total:
         _log(f"[ul3d train] {len(train_items)} training / {len(val_items)} validation cases, classes {classes}, "
              f"network {net_spec['name']}{':' + net_spec['variant'] if net_spec['variant'] else ''} on {dev}"
-             f"{f' (torch.compile, {mode})' if compiled else ''}{' with ul3d kernels' if kernels else ''}")
+             f"{f' (torch.compile, {mode})' if compiled else ''}{' with ul3d kernels' if kernels else ''}"
+             f"{', each step one CUDA graph (bf16)' if graphed else ''}")
         trainer.run()
     writer.close()
     return TrainResult(out, best_path if best_path.exists() else None, last_path, best["metric"], best["iteration"],
