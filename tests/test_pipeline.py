@@ -261,6 +261,23 @@ def test_cache_device_setting(tmp_path):
     cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "data.cache_device=cuda"])
     result = train(cfg, data, tmp_path / "gpu", device="cuda")
     assert result.iterations == 2 and result.last_checkpoint.is_file()
+    # the side-stream loader hands over the batches a plain loop over the same samples gives
+    from monai.data import list_data_collate
+
+    from ul3d.data.datasets import load_dataset
+    from ul3d.engine.train import SideStreamData, build_train_loader, split_cases
+
+    spec = load_dataset(data)
+    items, _ = split_cases(spec, cfg)
+    loader = build_train_loader(cfg, items, 3, spec.label_map, torch.device("cuda"), 0, 6)
+    assert isinstance(loader.dataset, SideStreamData)
+    batches = list(loader)  # all first: the loader thread and a plain loop must not share the transforms at once
+    plain = loader.dataset.dataset
+    assert len(batches) == 6
+    for b, batch in enumerate(batches):
+        expected = list_data_collate([plain[b]])
+        for key in ("image", "label"):
+            assert torch.equal(torch.as_tensor(batch[key]), torch.as_tensor(expected[key])), (b, key)
 
 
 def test_group_cases_only_groups_complete_channel_sets(tmp_path):
@@ -291,22 +308,33 @@ def test_compile_and_kernel_settings(tmp_path):
 
 
 def test_cuda_graph_setting_and_resume_across_modes(tmp_path, capsys):
-    """train.cuda_graph=true falls back (and says so) without CUDA; on CUDA a graph run checkpoints, resumes eagerly
-    from its own checkpoint and a graph run resumes from an eager one (the optimizer state is converted both ways)."""
+    """train.cuda_graph=true falls back (and says so) without CUDA; on CUDA a graph run stopped after a checkpoint is
+    resumed eagerly and an eager one with graphs (the optimizer state is converted both ways, AMP's scaler restored)."""
     data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=7)
     base = FAST + ["data.spacing=[1.2,1.2,3.6]", "train.iterations=4"]
     result = train(load_config("prostate", base + ["train.cuda_graph=true"]), data, tmp_path / "cpu", device="cpu")
     assert result.iterations == 4 and "train.cuda_graph needs a CUDA device; training on cpu" in capsys.readouterr().out
     if not torch.cuda.is_available():
         pytest.skip("CUDA-graph training needs CUDA")
+    import ul3d.engine.train as train_module
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_8(msg):  # a crash right after the checkpoint at iteration 8 of 16
+        if "iteration 8/16" in msg:
+            raise Stop
+
+    cfg = {mode: load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "train.iterations=16",
+                                                 "train.val_interval=4", f"train.cuda_graph={mode}", "train.kernels=auto"])
+           for mode in ("true", "false")}
     for first, second in (("true", "false"), ("false", "true")):
         out = tmp_path / f"gpu_{first}"
-        cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "train.iterations=8", "train.val_interval=4",
-                                              f"train.cuda_graph={first}", "train.kernels=auto"])
-        train(cfg, data, out, device="cuda")  # stopped after 8 of 8; resume with a longer schedule in the other mode
-        cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "train.iterations=16", "train.val_interval=4",
-                                              f"train.cuda_graph={second}"])
-        result = train(cfg, data, out, device="cuda", resume=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train_module, "_log", stop_after_8)
+            with pytest.raises(Stop):
+                train(cfg[first], data, out, device="cuda")
+        result = train(cfg[second], data, out, device="cuda", resume=True)
         assert result.iterations == 16 and [h["iteration"] for h in result.history] == [4, 8, 12, 16]
         assert all(h["loss"] == h["loss"] and h["train_seconds"] > 0 for h in result.history)  # finite, timed
         ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)

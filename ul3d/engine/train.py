@@ -80,6 +80,40 @@ class IterationDataset(Dataset):
         return self.transform(item)
 
 
+class SideStreamData:
+    """Training data cached on the GPU (``data.cache_device=cuda``), sampled and augmented on its own CUDA stream.
+
+    MONAI's transforms read values back to the CPU here and there. On the default stream each read waits for the
+    training step queued before it, so the loader thread and a replayed CUDA-graph step ran in turn (38 ms per
+    iteration on an H100 against a 21 ms step). On a side stream a read waits only for the data's own kernels. Every
+    batch is complete (the stream synchronised) when it is handed over, and marked as used by the default stream, so its
+    memory is not reused before the training step has read it.
+    """
+
+    def __init__(self, dataset: Dataset, device: torch.device) -> None:
+        self.dataset = dataset
+        self.stream = torch.cuda.Stream(device)
+        self.consumer = torch.cuda.default_stream(device)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        with torch.cuda.stream(self.stream):
+            return self.dataset[i]
+
+    def collate(self, items: list):
+        from monai.data import list_data_collate
+
+        with torch.cuda.stream(self.stream):
+            batch = list_data_collate(items)
+        self.stream.synchronize()
+        for value in batch.values():
+            if torch.is_tensor(value) and value.is_cuda:
+                value.record_stream(self.consumer)
+        return batch
+
+
 class _RangeSampler(Sampler):
     def __init__(self, start: int, stop: int) -> None:
         self.start, self.stop = start, stop
@@ -287,7 +321,10 @@ def build_train_loader(config: dict, items: list[dict], num_classes: int, label_
                                total * batch)
     sampler = _RangeSampler(start * batch, total * batch)
     if on_gpu:  # CUDA tensors cannot cross process boundaries: a background thread prepares the next batch
-        return ThreadDataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=0, buffer_size=2)
+        torch.cuda.synchronize(device)  # the cached volumes are complete before the side stream reads them
+        data = SideStreamData(dataset, device)
+        return ThreadDataLoader(data, batch_size=batch, sampler=sampler, num_workers=0, buffer_size=2,
+                                collate_fn=data.collate)
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
 
 
@@ -412,14 +449,16 @@ def train(
         iteration_update=CUDAGraphStep() if graphed else None,  # replays one captured step (uses the compiled net)
     )
     LrScheduleHandler(scheduler, epoch_level=False, print_lr=False).attach(trainer)
-    TensorBoardStatsHandler(summary_writer=writer, iteration_log=True, epoch_log=False, tag_name="train/loss",
+    # every 10th loss: reading a loss waits for the GPU, and a wait every iteration stops the CPU from queueing the next
+    # steps while the GPU runs this one (with CUDA graphs the CPU side is otherwise a few ms per step)
+    TensorBoardStatsHandler(summary_writer=writer, iteration_log=10, epoch_log=False, tag_name="train/loss",
                             output_transform=lambda o: o["loss"].item()).attach(trainer)
 
     from ignite.engine import Events
 
     @trainer.on(Events.ITERATION_COMPLETED(every=10))
     def _log_lr(engine):
-        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], engine.state.iteration)
+        writer.add_scalar("train/lr", float(optimizer.param_groups[0]["lr"]), engine.state.iteration)
 
     if evaluator is not None:
         ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
@@ -465,15 +504,16 @@ def train(
     if not quiet and sys.stderr.isatty():
         from ignite.handlers import ProgressBar
 
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"].item()}, metric_names=["val_dice"])
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"].item()}, metric_names=["val_dice"],
+                                          event_name=Events.ITERATION_COMPLETED(every=10))  # reading the loss waits
 
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     if ckpt is not None:
         trainer.load_state_dict(ckpt["trainer"])
-        if use_amp and ckpt.get("scaler"):
-            trainer.scaler.load_state_dict(ckpt["scaler"])
+        if use_amp and ckpt.get("scaler"):  # MONAI's Trainer.run() makes a fresh GradScaler: restore it after that
+            trainer.add_event_handler(Events.STARTED, lambda engine, state=ckpt["scaler"]: engine.scaler.load_state_dict(state))
         _set_rng_state(ckpt["rng"])
         _log(f"[ul3d train] resuming {last_path} at iteration {start}/{total}")
     if start < total:
