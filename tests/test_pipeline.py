@@ -254,8 +254,21 @@ def test_synth_command(layout, expected, tmp_path, capsys):
 def test_cache_device_setting(tmp_path):
     data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=7)
     bad = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "data.cache_device=gpu"])
-    with pytest.raises(ValueError, match="data.cache_device must be 'cpu' or 'cuda'"):
+    with pytest.raises(ValueError, match="data.cache_device must be 'cpu', 'cuda' or 'auto'"):
         train(bad, data, tmp_path / "bad", device="cpu")
+    # auto: the header estimate of the cached training set is exact for these volumes (resampled, padded to the patch)
+    from ul3d.data.datasets import cached_bytes, load_dataset
+    from ul3d.data.transforms import preprocessing
+    from ul3d.engine.train import _cache_on_gpu
+
+    cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]"])
+    spec = load_dataset(data)
+    pre = preprocessing(cfg, label_map=spec.label_map, pad_to=[32, 32, 32])
+    cached = [pre(item) for item in spec.training]
+    assert cached_bytes(spec.training, [1.2, 1.2, 3.6], [32, 32, 32]) == sum(
+        4 * (d["image"].numel() + d["label"].numel()) for d in cached)
+    assert not _cache_on_gpu("auto", torch.device("cpu"), nbytes=lambda: 0)  # never on a CPU run
+    assert not _cache_on_gpu("cuda", torch.device("cpu"))
     if not torch.cuda.is_available():
         pytest.skip("the GPU cache needs CUDA")
     cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "data.cache_device=cuda"])
@@ -294,7 +307,7 @@ def test_compile_and_kernel_settings(tmp_path):
     data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=7)
     base = FAST + ["data.spacing=[1.2,1.2,3.6]"]
     for override, message in (("train.compile_mode=fast", "train.compile_mode must be one of"),
-                              ("train.compile_mode=reduce-overhead", "uses CUDA graphs"),
+                              ("train.compile_mode=reduce-overhead", "uses torch.compile.s CUDA graphs"),
                               ("train.kernels=sometimes", "train.kernels must be true, false or auto"),
                               ("train.cuda_graph=maybe", "train.cuda_graph must be true, false or auto")):
         with pytest.raises(ValueError, match=message):

@@ -640,3 +640,25 @@ def load_dataset(path: str | os.PathLike, layout: str | None = None, **kwargs: A
     if not path.exists():
         raise DatasetError(path.name, path, [(str(path), "not found")])
     return READERS[layout or _detect_layout(path)](path, **kwargs)
+
+
+def cached_bytes(items: Sequence[Mapping[str, Any]], spacing: Sequence[float] | None, pad_to: Sequence[int]) -> int:
+    """Estimated float32 size of the preprocessed (cached) ``items``, read from the image headers only.
+
+    Each case: its image channels plus one label channel over its shape resampled to ``spacing`` (``None``: as
+    stored) and padded to at least ``pad_to``. Reorientation and foreground cropping are ignored: an estimate for
+    deciding where a training set can be cached (``data.cache_device: auto``), not an allocation.
+    """
+    total = 0
+    for item in items:
+        paths = [item["image"]] if isinstance(item["image"], (str, os.PathLike)) else list(item["image"])
+        headers = [read_header(p) for p in paths]
+        h = headers[0]
+        target = spacing or h.spacing
+        shape = [max(int(round(n * s / t)), int(r)) for n, s, t, r in zip(h.shape, h.spacing, target, pad_to)]
+        voxels = 1
+        for n in shape:
+            voxels *= n
+        total += 4 * voxels * (sum(x.channels for x in headers) + ("label" in item))
+    return total
+

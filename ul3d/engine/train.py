@@ -37,7 +37,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .. import __version__
 from ..config import ConfigError, get
-from ..data.datasets import DatasetSpec, load_dataset
+from ..data.datasets import DatasetSpec, cached_bytes, load_dataset
 from ..data.transforms import preprocessing, train_augmentation
 from ..data.validation import validate_dataset
 from ..networks import build_network
@@ -228,12 +228,23 @@ def _network_spec(config: dict, in_channels: int, out_channels: int) -> dict:
     }
 
 
-def _cache_on_gpu(setting: str, device: torch.device) -> bool:
-    """``data.cache_device``: ``cpu`` (default; loader worker processes crop and augment) or ``cuda`` (the
-    preprocessed training volumes are cached on the GPU, cropped and augmented there, fed by a thread)."""
-    if setting not in ("cpu", "cuda"):
-        raise ConfigError(f"data.cache_device must be 'cpu' or 'cuda', got {setting!r}")
-    return setting == "cuda" and device.type == "cuda"
+#: ``data.cache_device: auto`` caches on the GPU when the training set takes at most this share of its memory
+GPU_CACHE_SHARE = 0.25
+
+
+def _cache_on_gpu(setting: str, device: torch.device, nbytes=None) -> bool:
+    """``data.cache_device``: ``cpu`` (loader worker processes crop and augment), ``cuda`` (the preprocessed training
+    volumes are cached on the GPU, cropped and augmented there on a side stream, fed by a thread) or ``auto`` (default:
+    ``cuda`` on a CUDA device when the training set, estimated from its headers by ``nbytes()``, takes at most
+    :data:`GPU_CACHE_SHARE` of the GPU's memory). On the H100 the GPU loader makes 93.8 batches/s against 19.8 with 8
+    loader processes (``benchmarks/results/loader_*``)."""
+    if setting not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"data.cache_device must be 'cpu', 'cuda' or 'auto', got {setting!r}")
+    if device.type != "cuda" or setting == "cpu":
+        return False
+    if setting == "cuda":
+        return True
+    return nbytes is not None and nbytes() <= GPU_CACHE_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
 def _use_compile(setting, device: torch.device, iterations: int) -> bool:
@@ -251,13 +262,13 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def _compile_mode(setting) -> str:
-    """``train.compile_mode``: torch.compile's mode for the training step. CUDA-graph modes (``reduce-overhead``,
-    ``max-autotune``) are refused: inside MONAI's SupervisedTrainer the backward then reads activations that a later
-    graph replay overwrote (measured on an H100, 2026-11-23), although the same step replays correctly in
-    ``benchmarks/bench_networks.py --levers triton+pwmm+cudagraphs``."""
+    """``train.compile_mode``: torch.compile's mode for the training step. Its CUDA-graph modes (``reduce-overhead``,
+    ``max-autotune``) are refused: inside MONAI's SupervisedTrainer the backward then read activations that a later
+    graph replay overwrote (H100, 2026-11-23). ``train.cuda_graph`` captures the whole step instead."""
     if setting in ("reduce-overhead", "max-autotune"):
-        raise ConfigError(f"train.compile_mode {setting!r} uses CUDA graphs, which ul3d train does not support yet; "
-                          f"use one of {', '.join(COMPILE_MODES)}")
+        raise ConfigError(f"train.compile_mode {setting!r} uses torch.compile's CUDA graphs, which fail inside MONAI's "
+                          f"trainer; use one of {', '.join(COMPILE_MODES)} with train.cuda_graph=true (the whole step "
+                          f"as one CUDA graph)")
     if setting not in COMPILE_MODES:
         raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {setting!r}")
     return setting
@@ -275,10 +286,12 @@ def _use_cuda_graph(setting, device: torch.device, iterations: int) -> bool:
 
 
 def _use_kernels(setting, device: torch.device, graphed: bool = False) -> bool:
-    """``train.kernels``: true, false or ``auto`` (on with ``train.cuda_graph``) — ul3d's fast paths (Triton depth-wise convs in every MKDC, MKIR 1×1 convs as
-    matrix products; ``ul3d.networks.fast.accelerate``) on CUDA with Triton. Off by default: they pay only when the
-    step is replayed as CUDA graphs (H100: 21–23 ms against 40 ms), and without graphs their extra kernel launches
-    make the step slower (compiled 53 vs 47 ms, eager 81 vs 71 ms; benchmarks/results/levers_cuda_h100_*.json)."""
+    """``train.kernels``: true, false or ``auto`` (default: on with ``train.cuda_graph``) — ul3d's fast paths (Triton
+    depth-wise convs in every MKDC, MKIR 1×1 convs as matrix products; ``ul3d.networks.fast.accelerate``) on CUDA with
+    Triton. They pay only when the step is replayed as a CUDA graph (``ul3d train`` on an H100, compiled, GPU-cached
+    data: 38.1 against 61.7 ms per iteration, ``benchmarks/results/train_throughput_graph_gpucache_kernels_*``);
+    without graphs their extra kernel launches make the step slower (compiled 53 vs 47 ms, eager 81 vs 71 ms;
+    ``benchmarks/results/levers_cuda_h100_*.json``)."""
     from ..networks.depthwise import triton_available
 
     if setting == "auto":
@@ -310,7 +323,9 @@ def build_train_loader(config: dict, items: list[dict], num_classes: int, label_
     workers = int(get(config, "data.num_workers", 0) or 0)
     cache_rate = float(get(config, "data.cache_rate", 1.0))
     balanced = get(config, "train.sampling", "posneg") == "classes"
-    on_gpu = _cache_on_gpu(get(config, "data.cache_device", "cpu"), device)
+    spacing = get(config, "data.spacing")
+    on_gpu = _cache_on_gpu(get(config, "data.cache_device", "auto"), device,
+                           nbytes=lambda: cached_bytes(items, [float(x) for x in spacing] if spacing else None, roi))
     pre = preprocessing(config, label_map=label_map, pad_to=roi, class_indices=num_classes if balanced else None,
                         fg_bg_indices=not balanced)
     if on_gpu:  # cached volumes live on the GPU; crops and augmentation then run there too
@@ -377,10 +392,10 @@ def train(
     network = network_from_spec(net_spec).to(dev)
     ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
     start = int(ckpt["iteration"]) if ckpt else 0
-    graphed = _use_cuda_graph(get(config, "train.cuda_graph", False), dev, total - start)
-    if get(config, "train.cuda_graph", False) is True and not graphed:
+    graphed = _use_cuda_graph(get(config, "train.cuda_graph", "auto"), dev, total - start)
+    if get(config, "train.cuda_graph", "auto") is True and not graphed:
         _log(f"[ul3d train] train.cuda_graph needs a CUDA device; training on {dev} without CUDA graphs")
-    kernels = _use_kernels(get(config, "train.kernels", False), dev, graphed)
+    kernels = _use_kernels(get(config, "train.kernels", "auto"), dev, graphed)
     mode = _compile_mode(get(config, "train.compile_mode", "default"))
     if kernels:  # same parameters and function; the evaluator and the checkpoints see the same module
         from ..networks.fast import accelerate
@@ -520,7 +535,8 @@ def train(
         _log(f"[ul3d train] {len(train_items)} training / {len(val_items)} validation cases, classes {classes}, "
              f"network {net_spec['name']}{':' + net_spec['variant'] if net_spec['variant'] else ''} on {dev}"
              f"{f' (torch.compile, {mode})' if compiled else ''}{' with ul3d kernels' if kernels else ''}"
-             f"{', each step one CUDA graph (bf16)' if graphed else ''}")
+             f"{', each step one CUDA graph (bf16)' if graphed else ''}"
+             f"{'; training data cached on the GPU' if isinstance(train_loader.dataset, SideStreamData) else ''}")
         trainer.run()
     writer.close()
     return TrainResult(out, best_path if best_path.exists() else None, last_path, best["metric"], best["iteration"],
