@@ -13,7 +13,7 @@ inference; ``compile`` torch.compile (default mode); ``maxautotune`` mode="max-a
 mode="reduce-overhead" (CUDA graphs); ``ort`` ONNX Runtime (inference only); ``threads1`` one CPU thread; ``triton`` MKDC depth-wise
 convs as ul3d's Triton kernels (``ul3d.networks.depthwise``); ``pwmm`` MKIR 1×1 convs as matrix products;
 ``outer`` one-channel 1×1 convs as broadcast multiplies;
-``inplace`` in-place activations and sums (inference). On CUDA each
+``inplace`` in-place activations and sums (inference); ``bf16`` bf16 autocast on the CPU too (sliding window). On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
 full sw batch (no recompilation for a new shape). ``min_gb`` is the activation traffic a training step cannot avoid:
@@ -49,9 +49,10 @@ GPU_LEVERS = ["plain", "cl", "fused", "fused+cl", "fused+recompute", "compile", 
 GPU_LEVERS_OPTIONAL = ["pad1", "maxautotune", "fused+maxautotune"]
 CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldbn", "threads1", "fused+threads1",
               "compile", "fused+compile", "ort", "fused+ort"]
-UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cudagraphs"]  # levers that apply to MONAI's UNet (no MKDC)
+UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cudagraphs", "bf16", "cl+bf16", "cl+foldbn",
+               "cl+foldbn+bf16"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
-          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace"}
+          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16"}
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
              ("A10", 0.6e12), ("L4", 0.3e12)]  # bytes/s, matched in this order against the device name
@@ -259,8 +260,8 @@ def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape,
         predictor = net
     vol = _fmt(torch.randn(1, 1, *shape, device=device), toks)
 
-    def run():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    def run():  # bf16 autocast: always on CUDA, on the CPU with the ``bf16`` token
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or "bf16" in toks):
             sliding_window_inference(vol, ROI, 4, predictor, overlap=overlap, mode="gaussian")
 
     t0 = time.perf_counter()

@@ -284,3 +284,26 @@ def test_inplace_is_inference_only_and_keeps_training_exact():
     with torch.no_grad():
         assert (net(x) - fast(x)).abs().max() <= 1e-10
     assert not any(m.inplace for m in plain(fast).modules() if isinstance(m, (MKDC, MKIR, DecoderStage)))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_stays_channels_last_through_shuffle_and_outer_product(dims):
+    """CPU inference keeps channels-last: the channel shuffle of a channels-last tensor and the outer-product stem
+    (autograd off) return channels-last tensors with the plain values (a channels-first result sent every later 1×1
+    conv to oneDNN's slow layout)."""
+    from ul3d.networks.blocks.multikernel import ChannelShuffle, outer_product_conv
+
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = torch.randn((2, 12) + (5,) * dims)
+    shuffle = ChannelShuffle(3)
+    y = shuffle(x.contiguous(memory_format=fmt))
+    assert y.is_contiguous(memory_format=fmt) and torch.equal(y, shuffle(x))
+    assert torch.equal(shuffle(x), x.view(2, 3, 4, *x.shape[2:]).transpose(1, 2).reshape(x.shape))
+    one = torch.randn((2, 1) + (5,) * dims).contiguous(memory_format=fmt)
+    w, b = torch.randn((8, 1) + (1,) * dims), torch.randn(8)
+    conv = nn.functional.conv2d if dims == 2 else nn.functional.conv3d
+    with torch.no_grad():
+        out = outer_product_conv(one, w, b)
+        assert out.is_contiguous(memory_format=fmt)
+        torch.testing.assert_close(out, conv(one, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outer_product_conv(one, w), conv(one, w), rtol=1e-5, atol=1e-5)
