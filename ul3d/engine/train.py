@@ -247,15 +247,18 @@ def _cache_on_gpu(setting: str, device: torch.device, nbytes=None) -> bool:
     return nbytes is not None and nbytes() <= GPU_CACHE_SHARE * torch.cuda.get_device_properties(device).total_memory
 
 
-def _use_compile(setting, device: torch.device, iterations: int) -> bool:
-    """``train.compile``: true, false or ``auto`` — compile on CUDA for runs of at least 2,000 iterations, where the
-    faster step repays the ~90 s of compilation (H100, UltraLightUNet3D base: 47 vs 71–78 ms,
-    benchmarks/results/levers_cuda_h100_*.json)."""
+def _on_cuda(key: str, setting, device: torch.device, iterations: int) -> bool:
+    """A true / false / ``auto`` switch of a CUDA-only speed path; ``auto``: on CUDA for runs of at least 2,000
+    iterations. Off without CUDA, whatever the setting.
+
+    ``train.compile``: torch.compile the training step, where the faster step repays the ~90 s of compilation (H100,
+    UltraLightUNet3D base: 47 vs 71–78 ms, benchmarks/results/levers_cuda_h100_*.json). ``train.cuda_graph``: run each
+    step (forward, loss, backward, AdamW) as one replayed CUDA graph (:class:`~ul3d.engine.graphed.CUDAGraphStep`)."""
     if setting == "auto":
         return device.type == "cuda" and iterations >= 2000
     if isinstance(setting, bool):
         return setting and device.type == "cuda"
-    raise ConfigError(f"train.compile must be true, false or auto, got {setting!r}")
+    raise ConfigError(f"{key} must be true, false or auto, got {setting!r}")
 
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
@@ -272,17 +275,6 @@ def _compile_mode(setting) -> str:
     if setting not in COMPILE_MODES:
         raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {setting!r}")
     return setting
-
-
-def _use_cuda_graph(setting, device: torch.device, iterations: int) -> bool:
-    """``train.cuda_graph``: true, false or ``auto`` — run each training step (forward, loss, backward, AdamW) as one
-    replayed CUDA graph (:class:`~ul3d.engine.graphed.CUDAGraphStep`). ``auto``: on CUDA for runs of at least 2,000
-    iterations. On a machine without CUDA it is off, whatever the setting (said in the start-up line)."""
-    if setting == "auto":
-        return device.type == "cuda" and iterations >= 2000
-    if isinstance(setting, bool):
-        return setting and device.type == "cuda"
-    raise ConfigError(f"train.cuda_graph must be true, false or auto, got {setting!r}")
 
 
 def _use_kernels(setting, device: torch.device, graphed: bool = False) -> bool:
@@ -392,8 +384,9 @@ def train(
     network = network_from_spec(net_spec).to(dev)
     ckpt = load_checkpoint(last_path) if resume and last_path.exists() else None
     start = int(ckpt["iteration"]) if ckpt else 0
-    graphed = _use_cuda_graph(get(config, "train.cuda_graph", "auto"), dev, total - start)
-    if get(config, "train.cuda_graph", "auto") is True and not graphed:
+    graph_setting = get(config, "train.cuda_graph", "auto")
+    graphed = _on_cuda("train.cuda_graph", graph_setting, dev, total - start)
+    if graph_setting is True and not graphed:
         _log(f"[ul3d train] train.cuda_graph needs a CUDA device; training on {dev} without CUDA graphs")
     kernels = _use_kernels(get(config, "train.kernels", "auto"), dev, graphed)
     mode = _compile_mode(get(config, "train.compile_mode", "default"))
@@ -423,7 +416,7 @@ def train(
     train_loader = build_train_loader(config, train_items, len(classes), label_map, dev, start, total)
 
     use_amp = bool(get(config, "train.amp", True)) and dev.type == "cuda"
-    compiled = _use_compile(get(config, "train.compile", "auto"), dev, total - start)
+    compiled = _on_cuda("train.compile", get(config, "train.compile", "auto"), dev, total - start)
     evaluator = None
     if val_items:
         val_ds = CacheDataset(val_items, preprocessing(config, label_map=label_map), cache_rate=cache_rate,
