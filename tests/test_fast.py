@@ -216,10 +216,28 @@ def test_predict_default_path_matches_plain(prostate_checkpoint):
         other = Predictor([ckpt], device="cpu", path=path)
         assert "fused MKDC" in other.path
         assert np.abs(other.predict_file(image)[1] - ref_probs).max() <= 1e-4
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Predictor([ckpt], device="cpu", path="cuda_graph")
     top2 = np.sort(ref_probs, axis=0)[-2:]
     clear = (top2[1] - top2[0]) > 1e-3  # argmax is defined up to fp32 rounding only where two classes tie
     assert clear.mean() > 0.99 and np.array_equal(labels[clear], ref_labels[clear])
     assert np.array_equal(labels, ref_labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_predict_cuda_paths_agree(prostate_checkpoint):
+    """On CUDA, the default path and the CUDA-graph path give the fp32 plain probabilities within bf16 precision."""
+    import numpy as np
+
+    from ul3d.data.datasets import load_dataset
+    from ul3d.engine.infer import Predictor
+
+    data, ckpt = prostate_checkpoint
+    image = load_dataset(data).training[0]["image"]
+    ref = Predictor([ckpt], device="cuda", path="plain").predict_file(image)[1]
+    for path in ("auto", "cuda_graph"):
+        predictor = Predictor([ckpt], device="cuda", path=path)
+        assert np.abs(predictor.predict_file(image)[1] - ref).max() <= 3e-2, predictor.path
 
 
 def test_mkdc_float32_is_the_same_function_and_runs_in_float32_under_autocast():
@@ -307,3 +325,94 @@ def test_channels_last_stays_channels_last_through_shuffle_and_outer_product(dim
         assert out.is_contiguous(memory_format=fmt)
         torch.testing.assert_close(out, conv(one, w, b), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outer_product_conv(one, w), conv(one, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims,norm", [(3, "batch"), (2, "batch"), (2, "instance")])
+def test_use_checkpoint_is_the_same_function_with_less_saved_memory(dims, norm):
+    """``use_checkpoint`` (activation checkpointing of every stage): the same outputs, gradients and BatchNorm running
+    statistics as the plain network over two steps in float64, far fewer bytes kept for backward, and the eval
+    network still scripts."""
+    import copy
+
+    torch.manual_seed(0)
+    ref = get_network("ultralightunet", "T", spatial_dims=dims, in_channels=1, out_channels=3, norm=norm).double().train()
+    ckpt = copy.deepcopy(ref)
+    ckpt.use_checkpoint = True
+    x = torch.randn((2, 1) + ((32,) * dims if norm == "batch" else (64,) * dims), dtype=torch.float64)
+
+    def saved_bytes(net):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(x)
+        return out, sum(storages.values())
+
+    for _ in range(2):
+        (a, ref_bytes), (b, ckpt_bytes) = saved_bytes(ref), saved_bytes(ckpt)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+        (a.square().mean()).backward()
+        (b.square().mean()).backward()
+    assert ckpt_bytes < 0.3 * ref_bytes, (ckpt_bytes, ref_bytes)
+    for (name, p), q in zip(ref.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for (name, p), q in zip(ref.named_buffers(), ckpt.buffers()):
+        assert torch.equal(p, q), name  # running statistics updated once per step, not again in the recomputation
+    if norm == "batch":
+        assert int(dict(ckpt.named_buffers())["encoder.0.block.expand.adn.N.num_batches_tracked"]) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(ckpt.eval())(x), ref.eval()(x), rtol=0, atol=1e-12)
+
+
+def test_cuda_graph_inference_falls_back_without_cuda_or_with_autograd():
+    from ul3d.networks.fast import CUDAGraphInference
+
+    net = get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=2).eval()
+    runner = CUDAGraphInference(net)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), net(x), rtol=0, atol=0)
+    assert runner.graphs == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_inference_matches_eager_per_shape():
+    """Replayed graphs give the eager outputs for each shape and autocast state; inputs are copied in, outputs out
+    (a later call does not overwrite an earlier result); shapes beyond ``max_graphs`` run eagerly."""
+    from ul3d.networks.fast import CUDAGraphInference
+
+    net = _with_statistics(get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3),
+                           (2, 1, 32, 32, 32)).cuda()
+    runner = CUDAGraphInference(net, max_graphs=2)
+    with torch.no_grad():
+        x4, x2 = torch.randn(4, 1, 32, 32, 32, device="cuda"), torch.randn(2, 1, 32, 32, 32, device="cuda")
+        first = runner(x4)
+        for _ in range(2):
+            torch.testing.assert_close(runner(x4), net(x4), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(runner(x2), net(x2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(first, net(x4), rtol=1e-5, atol=1e-5)
+        assert len(runner.graphs) == 2
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # a third shape key: beyond max_graphs, eager
+            out = runner(x4)
+            torch.testing.assert_close(out, net(x4), rtol=0, atol=0)
+        assert len(runner.graphs) == 2
+    runner = CUDAGraphInference(net)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out, ref = runner(x4), net(x4)
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_cli_predict_offers_every_path():
+    import argparse
+
+    from ul3d import cli
+    from ul3d.engine.infer import PATHS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli._add_predict(sub)
+    action = next(a for a in sub.choices["predict"]._actions if a.dest == "path")
+    assert tuple(action.choices) == PATHS

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["as_tuple", "check_input", "interpolate_mode", "init_normal_"]
+__all__ = ["as_tuple", "check_input", "checkpointed", "interpolate_mode", "init_normal_"]
 
 
 def as_tuple(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
@@ -55,3 +57,29 @@ def init_normal_(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module: nn.Module):
+    """The norm layers of ``module`` end the block with the running statistics (and ``num_batches_tracked``) they
+    entered it with: the recomputation of a checkpointed region must not update them a second time."""
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+               for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def checkpointed(module: nn.Module, fn, *args):
+    """``fn(*args)`` under activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): only
+    the inputs are kept for backward and the region is recomputed there. ``module`` holds the region's norm layers,
+    whose running statistics are updated once, in the forward pass. Under ``torch.compile`` the compiler's
+    partitioner recomputes the region and buffer updates are not replayed."""
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(module)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from torch import nn
 
 from ..blocks import CMFA, GAG, MKIR, MKIRA, InvertedResidual, SpatialAttention
 from ..blocks.multikernel import accumulate
-from ._utils import as_tuple, check_input, init_normal_, interpolate_mode
+from ._utils import as_tuple, check_input, checkpointed, init_normal_, interpolate_mode
 
 __all__ = ["UltraLightUNet", "ULTRALIGHTUNET_VARIANTS", "EncoderStage", "DecoderStage"]
 
@@ -24,6 +24,10 @@ ULTRALIGHTUNET_VARIANTS: dict[str, tuple[int, ...]] = {
     "M": (32, 64, 128, 192, 320),
     "L": (64, 128, 256, 384, 512),
 }
+
+
+def _pooled(stage: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return pool(stage(x))
 
 
 class EncoderStage(nn.Module):
@@ -123,6 +127,10 @@ class UltraLightUNet(nn.Module):
         deep_supr_num: number of auxiliary heads. Defaults to 3 (released code).
         init: ``"normal"`` (released code: blocks' convs N(0, 0.02), heads left at PyTorch's
             default) or ``"default"`` (PyTorch's default everywhere).
+        use_checkpoint: in training, keep only each encoder and decoder stage's inputs for backward and recompute
+            the stage there (activation checkpointing, as MONAI's SwinUNETR ``use_checkpoint``): the same function
+            and gradients with much less activation memory, for about one more forward pass per step. BatchNorm
+            running statistics are updated once per step. Defaults to False.
 
     Note:
         Where paper and released code differ (see ``docs/architecture.md``), the default follows
@@ -166,6 +174,7 @@ class UltraLightUNet(nn.Module):
         deep_supervision: bool = False,
         deep_supr_num: int = 3,
         init: str = "normal",
+        use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -190,6 +199,7 @@ class UltraLightUNet(nn.Module):
         self.out_channels = out_channels
         self.channels = channels
         self.deep_supervision = deep_supervision
+        self.use_checkpoint = bool(use_checkpoint)
         self._mode = interpolate_mode(spatial_dims)
 
         def make_block(cin: int, cout: int) -> nn.Module:
@@ -240,19 +250,24 @@ class UltraLightUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
         check_input(x, self.spatial_dims, self.in_channels, self._name)
         size = list(x.shape[2:])
+        ckpt = self.use_checkpoint and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting()
         skips: list[torch.Tensor] = []
-        for stage in self.encoder:
-            x = self.pool(stage(x))
+        for i, stage in enumerate(self.encoder):
+            if ckpt and not torch.jit.is_scripting():
+                x = checkpointed(stage, _pooled, stage, self.pool, x)
+            else:
+                x = self.pool(stage(x))
             skips.append(x)
         n = len(self.decoder)
         supervise = self.deep_supervision and self.training
         features: list[torch.Tensor] = []
         for i, stage in enumerate(self.decoder):
-            if i < n - 1:
-                skip = skips[n - 2 - i]
-                x = stage(x, list(skip.shape[2:]), skip)
+            skip: Optional[torch.Tensor] = skips[n - 2 - i] if i < n - 1 else None
+            stage_size = list(skip.shape[2:]) if skip is not None else size
+            if ckpt and not torch.jit.is_scripting():
+                x = checkpointed(stage, stage, x, stage_size, skip)
             else:
-                x = stage(x, size, None)
+                x = stage(x, stage_size, skip)
             if supervise:
                 features.append(x)
         out = self.head(x)
