@@ -13,7 +13,11 @@ inference; ``compile`` torch.compile (default mode); ``maxautotune`` mode="max-a
 mode="reduce-overhead" (CUDA graphs); ``ort`` ONNX Runtime (inference only); ``threads1`` one CPU thread; ``triton`` MKDC depth-wise
 convs as ul3d's Triton kernels (``ul3d.networks.depthwise``); ``pwmm`` MKIR 1×1 convs as matrix products;
 ``outer`` one-channel 1×1 convs as broadcast multiplies;
-``inplace`` in-place activations and sums (inference); ``bf16`` bf16 autocast on the CPU too (sliding window). On CUDA each
+``inplace`` in-place activations and sums (inference); ``bf16`` bf16 autocast on the CPU too (sliding window);
+``graph`` the sliding window's forward replayed as CUDA graphs (``ul3d.networks.fast.CUDAGraphInference``; inference
+only, no training row); ``ckpt`` activation checkpointing of every stage (``use_checkpoint=True``; training);
+``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
+network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
 full sw batch (no recompilation for a new shape). ``min_gb`` is the activation traffic a training step cannot avoid:
@@ -50,9 +54,11 @@ GPU_LEVERS_OPTIONAL = ["pad1", "maxautotune", "fused+maxautotune"]
 CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldbn", "threads1", "fused+threads1",
               "compile", "fused+compile", "ort", "fused+ort"]
 UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cudagraphs", "bf16", "cl+bf16", "cl+foldbn",
-               "cl+foldbn+bf16"]  # levers that apply to MONAI's UNet (no MKDC)
+               "cl+foldbn+bf16", "graph", "foldbn+graph", "membudget+compile", "membudget+cudagraphs"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
-          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16"}
+          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget"}
+INFERENCE_ONLY = {"ort", "graph"}  # levers with no training row
+MEMORY_BUDGET = 0.5  # ``membudget``: torch._functorch.config.activation_memory_budget
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
              ("A10", 0.6e12), ("L4", 0.3e12)]  # bytes/s, matched in this order against the device name
@@ -166,8 +172,11 @@ def _tokens(lever: str) -> set[str]:
 
 
 def _lever_net(spec: str, device: torch.device, toks: set[str], inference: bool) -> torch.nn.Module:
+    if spec == "null":  # the inferer's own cost: the cheapest network with the right channels
+        return torch.nn.Conv3d(1, 3, 1).to(device).train(not inference)
     name, _, variant = spec.partition(":")
-    net = build_network(name, variant or None, spatial_dims=3, in_channels=1, out_channels=3, roi_size=ROI)
+    kwargs = {"use_checkpoint": True} if "ckpt" in toks else {}
+    net = build_network(name, variant or None, spatial_dims=3, in_channels=1, out_channels=3, roi_size=ROI, **kwargs)
     net = accelerate(net.train(not inference), fused_mkdc=bool(toks & {"fused", "pad1", "recompute"}),
                      unit_scale="pad1" not in toks, recompute="recompute" in toks,
                      fold_bn=inference and "foldbn" in toks, channels_last="cl" in toks, mkdc_float32="fp32dw" in toks,
@@ -198,7 +207,13 @@ def lever_train(spec: str, device: torch.device, toks: set[str], iters: int) -> 
                      before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None)
 
     t0 = time.perf_counter()
-    step()  # first step: compilation / cuDNN autotuning
+    if "membudget" in toks:  # read when the backward graph is partitioned, i.e. in the first step
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(activation_memory_budget=MEMORY_BUDGET):
+            step()
+    else:
+        step()  # first step: compilation / cuDNN autotuning
     if cuda:
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
@@ -256,6 +271,10 @@ def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape,
         predictor = _OrtPredictor(net, torch.get_num_threads())
     elif mode:
         predictor = _padded(torch.compile(net, mode=mode), 4)
+    elif "graph" in toks:
+        from ul3d.networks.fast import CUDAGraphInference
+
+        predictor = CUDAGraphInference(net)
     else:
         predictor = net
     vol = _fmt(torch.randn(1, 1, *shape, device=device), toks)
@@ -314,10 +333,12 @@ def run_levers(args, device: torch.device, name: str) -> None:
     _log(f"device {name}; levers {levers}; networks {specs}; budget {args.budget_s:.0f}s")
     rows = []
     for spec in specs:
-        act = activation_bytes(spec) if cuda else None
+        act = activation_bytes(spec) if cuda and spec != "null" else None
         for lever in levers:
             toks = _tokens(lever)
             if spec == "unet" and lever not in UNET_LEVERS:
+                continue
+            if spec == "null" and lever not in ("plain", "graph"):
                 continue
             if "ort" in toks and cuda:
                 continue
@@ -332,7 +353,7 @@ def run_levers(args, device: torch.device, name: str) -> None:
                 if "threads1" in toks:
                     torch.set_num_threads(1)
                 torch.backends.cudnn.benchmark = "cudnnbench" in toks  # cuDNN autotuning of every conv shape
-                if cuda and "ort" not in toks:
+                if cuda and not toks & INFERENCE_ONLY and spec != "null":
                     row.update(lever_train(spec, device, toks, iters))
                     if act is not None:
                         row["min_gb"] = act * 2 / 1e9  # written in forward + read in backward
@@ -395,10 +416,20 @@ def run_profile(args, device: torch.device, name: str) -> None:
         for lever in levers:
             toks = _tokens(lever)
             torch.backends.cudnn.benchmark = "cudnnbench" in toks
-            net = _lever_net(spec, device, toks, inference=False)
+            infer = args.profile_infer
+            net = _lever_net(spec, device, toks, inference=infer)
             mode = _compile_mode(toks)
-            step = make_step(net, device, torch.bfloat16, forward=torch.compile(net, mode=mode) if mode else net,
-                             before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None)
+            if infer:  # one eval forward of a sliding-window batch (4 patches, bf16)
+                x4 = torch.randn(4, 1, *ROI, device=device)
+                forward = torch.compile(net, mode=mode) if mode else net
+
+                @torch.no_grad()
+                def step():
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        forward(x4)
+            else:
+                step = make_step(net, device, torch.bfloat16, forward=torch.compile(net, mode=mode) if mode else net,
+                                 before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None)
 
             for _ in range(3):
                 step()
@@ -410,17 +441,21 @@ def run_profile(args, device: torch.device, name: str) -> None:
             total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
             top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:15]
             rows = [{"kernel": e.key[:120], "ms": getattr(e, "self_device_time_total", 0) / 1e3, "calls": e.count} for e in top]
-            _log(f"{spec} {lever}: {total:.1f} ms of CUDA kernels in one step")
+            torch.cuda.synchronize()
+            wall = _timed(step, device, 1, 10) * 1e3
+            _log(f"{spec} {lever}: {total:.1f} ms of CUDA kernels in one {'forward' if infer else 'step'}, "
+                 f"{wall:.1f} ms wall")
             for r in rows:
                 print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['kernel']}", flush=True)
-            report.append({"network": spec, "lever": lever, "cuda_ms": total, "top": rows})
+            report.append({"network": spec, "lever": lever, "what": "forward, batch 4" if infer else "training step",
+                           "cuda_ms": total, "wall_ms": wall, "launches": sum(e.count for e in events), "top": rows})
             torch.backends.cudnn.benchmark = False
             del net, step
             torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = name.split()[1].lower() if len(name.split()) > 1 else "cuda"
-    path = out / f"profile_cuda_{tag}_{args.date}.json"
+    path = out / f"profile_{'infer_' if args.profile_infer else ''}cuda_{tag}_{args.date}.json"
     path.write_text(json.dumps({"device": name, "date": args.date, "torch": torch.__version__, "profiles": report}, indent=1))
     _log(f"wrote {path}")
 
@@ -438,6 +473,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="levers: skip compiled levers once this many seconds have passed (default 240)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 on CPU)")
+    ap.add_argument("--profile-infer", action="store_true",
+                    help="with --profile: profile one eval forward of 4 patches (bf16) instead of a training step")
     ap.add_argument("--date", default=str(dt.date.today()), help="date in the result file name")
     ap.add_argument("--profile", nargs="*", default=None, metavar="LEVER",
                     help="CUDA: print the kernels that take the time in one training step of each --networks entry "

@@ -105,7 +105,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=None)
     p.add_argument("--sw-batch-size", type=int, default=None)
     p.add_argument("--tta", action="store_true", help="average over mirrored inputs")
-    p.add_argument("--path", default=None, choices=("auto", "plain", "fused", "channels_last", "onnxruntime", "compile"),
+    p.add_argument("--path", default=None,
+                   choices=("auto", "plain", "fused", "channels_last", "onnxruntime", "compile", "cuda_graph"),
                    help="execution path (default: the config's infer.path, else auto = fastest for the device)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE_probabilities (float32, C channels)")
     p.set_defaults(func=_run_predict)

@@ -35,8 +35,9 @@ CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")
 # Execution paths of Predictor (issue 7). "auto" picks the fastest measured one for the device (benchmarks/README.md):
 # CUDA: bf16 autocast with the plain modules (the fused MKDC and channels-last measured slower on an H100); CPU:
 # channels-last memory with BatchNorm folded into the convs ("channels_last"). "fused": fused MKDC; "onnxruntime": the
-# fused network exported to ONNX Runtime (CPU); "compile": fused + torch.compile. "plain": fp32 modules as trained.
-PATHS = ("auto", "plain", "fused", "channels_last", "onnxruntime", "compile")
+# fused network exported to ONNX Runtime (CPU); "compile": fused + torch.compile; "cuda_graph": CUDA, bf16 with
+# BatchNorm folded, each window batch replayed as a CUDA graph. "plain": fp32 modules as trained.
+PATHS = ("auto", "plain", "fused", "channels_last", "onnxruntime", "compile", "cuda_graph")
 
 
 class _OnnxRuntimeNet:
@@ -175,7 +176,7 @@ class Predictor:
 
     def _select_path(self, path: str) -> str:
         """Set up the execution path; returns its description ("cuda bf16 + fused MKDC", "cpu onnxruntime", ...)."""
-        from ..networks.fast import accelerate, fused_mkdc_count
+        from ..networks.fast import CUDAGraphInference, accelerate, fused_mkdc_count
 
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -186,6 +187,12 @@ class Predictor:
             return f"{self.device.type} fp32 plain"
         if path == "onnxruntime" and cuda:
             raise ValueError("path 'onnxruntime' runs on the CPU only; use --device cpu")
+        if path == "cuda_graph":
+            if not cuda:
+                raise ValueError("path 'cuda_graph' needs a CUDA device; use --device cuda or another path")
+            self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True) for n in self.networks]
+            self.predictors = [CUDAGraphInference(n) for n in self.networks]
+            return "cuda bf16 + folded BatchNorm + CUDA graphs"
         if path == "auto" and cuda:  # the fused MKDC does not pay on the GPU (benchmarks/README.md): bf16 only
             return "cuda bf16"
         if path in ("auto", "channels_last"):  # CPU: oneDNN's channels-last depth-wise convs + BatchNorm folded, and

@@ -19,7 +19,7 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["accelerate", "fold_batchnorm", "fused_mkdc_count", "plain"]
+__all__ = ["CUDAGraphInference", "accelerate", "fold_batchnorm", "fused_mkdc_count", "plain"]
 
 
 def accelerate(
@@ -129,3 +129,60 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         conv.bias = nn.Parameter(shift.clone())
         block.adn.N = nn.Identity()
     return model
+
+
+class CUDAGraphInference:
+    """``net``'s eval-mode forward replayed as one CUDA graph per input shape (inference only).
+
+    A network as small as UltraLightUNet3D launches a few hundred kernels per forward; replaying them as a CUDA graph
+    removes the CPU launch cost between them. The first call with a new shape (and autocast state) runs ``warmup``
+    eager forwards on a side stream, then captures one; later calls copy the input into the graph's static input,
+    replay it and return a copy of its output. Every graph shares one memory pool. Calls without CUDA, with autograd
+    enabled, or while a graph of another stream is being captured run ``net`` directly.
+
+    Args:
+        net: the network, in eval mode (BatchNorm with running statistics: a graph freezes nothing else).
+        max_graphs: shapes captured at most; further shapes run eagerly (a sliding window needs two: the full
+            window batch and the last, smaller one).
+        warmup: eager forwards before each capture (cuDNN/Triton autotuning happens there, not in the graph).
+    """
+
+    def __init__(self, net: nn.Module, max_graphs: int = 4, warmup: int = 2) -> None:
+        self.net = net
+        self.max_graphs = int(max_graphs)
+        self.warmup = int(warmup)
+        self.graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x  # MONAI MetaTensor -> plain tensor (the graph is plain)
+        if x.device.type != "cuda" or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
+            return self.net(x)
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device, torch.is_autocast_enabled("cuda"),
+               torch.get_autocast_dtype("cuda"))
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                return self.net(x)
+            entry = self.graphs[key] = self._capture(x)
+        static_in, graph, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
+        static_in = x.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.net(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # autocast's cache of cast weights must stay out of the graph (its tensors are freed when autocast exits)
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                            cache_enabled=False), torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.net(static_in)
+        return static_in, graph, static_out
