@@ -397,10 +397,12 @@ def run_levers(args, device: torch.device, name: str) -> None:
     tag = "cuda_" + name.split()[1].lower() if cuda and len(name.split()) > 1 else "cpu_2core" if not cuda else "cuda"
     if not cuda and threads != 2:
         tag = f"cpu_{threads}thread"
+    tag += "_keepmem" if args.keep_freed_memory else ""
     path = out / f"levers_{tag}_{args.date}{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps({"device": name, "date": args.date, "torch": torch.__version__, "monai": monai.__version__,
                                 "settings": {"roi": ROI, "train_batch": 2, "classes": 3, "sw_shape": shape,
                                              "overlap": overlap, "sw_batch": 4, "iters": iters, "sw_iters": sw_iters,
+                                             "keep_freed_memory": args.keep_freed_memory,
                                              "bandwidth_Bps": bw},
                                 "rows": rows, "table": table, "seconds": time.perf_counter() - start}, indent=1))
     _log(f"wrote {path} after {time.perf_counter() - start:.0f}s")
@@ -475,6 +477,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 on CPU)")
     ap.add_argument("--profile-infer", action="store_true",
                     help="with --profile: profile one eval forward of 4 patches (bf16) instead of a training step")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc malloc keeps freed blocks for reuse (ul3d.utils.keep_freed_memory), for every network "
+                    "of the run; ul3d predict does this on the CPU")
     ap.add_argument("--date", default=str(dt.date.today()), help="date in the result file name")
     ap.add_argument("--profile", nargs="*", default=None, metavar="LEVER",
                     help="CUDA: print the kernels that take the time in one training step of each --networks entry "
@@ -483,6 +488,11 @@ def main() -> None:
     args.iters_given = any(a.startswith("--iters") for a in __import__("sys").argv[1:])
     global FOLD_BN
     FOLD_BN = args.fold_bn
+    if args.keep_freed_memory:
+        from ul3d.utils import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("--keep-freed-memory needs Linux with glibc")
     device = torch.device(args.device)
     specs = args.networks or (GPU_NETWORKS if device.type == "cuda" else CPU_NETWORKS)
     if device.type == "cpu":

@@ -25,6 +25,7 @@ from monai.transforms import Invertd
 from ..config import get
 from ..data.io import IMAGE_SUFFIXES, case_id, image_suffix, write_like
 from ..data.transforms import preprocessing
+from ..utils import keep_freed_memory
 from .train import load_checkpoint, network_from_spec
 
 __all__ = ["PATHS", "PredictionReport", "Predictor", "find_images", "group_cases", "predict_paths"]
@@ -117,7 +118,8 @@ class Predictor:
 
     Args:
         checkpoints: ul3d checkpoint paths; several are averaged (softmax) — fold ensembles.
-        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
+        device: ``"cpu"``, ``"cuda"`` or None (CUDA when available). On the CPU the process's malloc keeps freed
+            memory for reuse (:func:`ul3d.utils.keep_freed_memory`).
         overlap, sw_batch_size, mode, roi_size: sliding-window settings; None = the checkpoint config's.
         tta: average over all mirrorings of the spatial axes (8 passes in 3D).
         path: execution path, one of :data:`PATHS`; None = the config's ``infer.path``, else ``"auto"`` (the fastest
@@ -139,6 +141,8 @@ class Predictor:
             raise ValueError("at least one checkpoint is needed")
         requested_path = path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":  # reuse freed activation memory (2-core CPU sliding window: base -40 %)
+            keep_freed_memory()
         ckpts = [load_checkpoint(c) for c in checkpoints]
         first = ckpts[0]
         for ck_path, c in zip(checkpoints[1:], ckpts[1:]):
