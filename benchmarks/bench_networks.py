@@ -16,7 +16,8 @@ convs as ul3d's Triton kernels (``ul3d.networks.depthwise``); ``pwmm`` MKIR 1×1
 ``inplace`` in-place activations and sums (inference); ``bf16`` bf16 autocast on the CPU too (sliding window);
 ``graph`` the sliding window's forward replayed as CUDA graphs (``ul3d.networks.fast.CUDAGraphInference``; inference
 only, no training row); ``ckpt`` activation checkpointing of every stage (``use_checkpoint=True``; training);
-``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
+``merge`` inference: shuffles folded into the project convs, the stem's project + shortcut as one product, GAGs'
+grouped convs as depth-wise convs (``accelerate(merge_pointwise=True)``); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
 network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
@@ -56,7 +57,7 @@ CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldb
 UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cudagraphs", "bf16", "cl+bf16", "cl+foldbn",
                "cl+foldbn+bf16", "graph", "foldbn+graph", "membudget+compile", "membudget+cudagraphs"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
-          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget"}
+          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget", "merge"}
 INFERENCE_ONLY = {"ort", "graph"}  # levers with no training row
 MEMORY_BUDGET = 0.5  # ``membudget``: torch._functorch.config.activation_memory_budget
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
@@ -181,7 +182,8 @@ def _lever_net(spec: str, device: torch.device, toks: set[str], inference: bool)
                      unit_scale="pad1" not in toks, recompute="recompute" in toks,
                      fold_bn=inference and "foldbn" in toks, channels_last="cl" in toks, mkdc_float32="fp32dw" in toks,
                      triton="triton" in toks, pointwise_matmul="pwmm" in toks,
-                     outer_product="outer" in toks, inplace=inference and "inplace" in toks)
+                     outer_product="outer" in toks, inplace=inference and "inplace" in toks,
+                     merge_pointwise=inference and "merge" in toks)
     return net.to(device).train(not inference)
 
 

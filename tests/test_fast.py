@@ -208,7 +208,7 @@ def test_predict_default_path_matches_plain(prostate_checkpoint):
     data, ckpt = prostate_checkpoint
     image = load_dataset(data).training[0]["image"]
     auto, ref = Predictor([ckpt], device="cpu"), Predictor([ckpt], device="cpu", path="plain")
-    assert auto.path == "cpu channels_last + folded BatchNorm + outer-product stem + in-place" and ref.path == "cpu fp32 plain"
+    assert auto.path == "cpu channels_last + folded BatchNorm + outer-product stem + in-place + merged pointwise" and ref.path == "cpu fp32 plain"
     assert "path: cpu channels_last" in auto.description
     (labels, probs), (ref_labels, ref_probs) = auto.predict_file(image), ref.predict_file(image)
     assert np.abs(probs - ref_probs).max() <= 1e-4
@@ -278,6 +278,43 @@ def test_outer_product_inplace_folded_batchnorm_channels_last_network():
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert (net(x) - fast(x.to(memory_format=torch.channels_last_3d))).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dims,variant", [(3, "S"), (2, "base")])
+def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
+    """accelerate(merge_pointwise=True) on the CPU inference path: the shuffle folded into the project conv, the
+    one-channel stem's project + shortcut as one product, the GAGs' grouped convs as depth-wise convs plus a channel
+    sum: each merged path runs, the output is the plain network's within 1e-4, and training is untouched."""
+    from ul3d.networks.blocks import GAG, MKIR
+
+    net = _with_statistics(get_network("ultralightunet", variant, spatial_dims=dims, in_channels=1, out_channels=3,
+                                       init="default"), (2, 1) + (32,) * dims)
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    fast = accelerate(net, fold_bn=True, channels_last=True, outer_product=True, fused_mkdc=False, inplace=True,
+                      merge_pointwise=True)
+    calls = {"stem": 0, "mkir": 0, "gag": 0}
+    merged, gates = MKIR._forward_merged, GAG._gates_depthwise
+
+    def spy_mkir(self, x):
+        calls["stem" if x.shape[1] == 1 else "mkir"] += 1
+        return merged(self, x)
+
+    def spy_gag(self, g, x):
+        calls["gag"] += 1
+        return gates(self, g, x)
+
+    monkeypatch.setattr(MKIR, "_forward_merged", spy_mkir)
+    monkeypatch.setattr(GAG, "_gates_depthwise", spy_gag)
+    x = torch.randn((2, 1) + (32,) * dims)
+    with torch.no_grad():
+        ref, out = net(x), fast(x.contiguous(memory_format=fmt))
+    assert calls == {"stem": 1, "mkir": 9, "gag": 4}
+    assert ref.abs().max() > 1e-2 and (ref - out).abs().max() <= 1e-4
+    # with autograd on the merged paths stay off (the plain modules train)
+    trained = accelerate(copy.deepcopy(net).train(), merge_pointwise=True, fused_mkdc=False)
+    before = dict(calls)
+    trained(x).sum().backward()
+    assert calls == before
 
 
 def test_inplace_is_inference_only_and_keeps_training_exact():

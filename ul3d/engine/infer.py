@@ -202,11 +202,13 @@ class Predictor:
         if path in ("auto", "channels_last"):  # CPU: oneDNN's channels-last depth-wise convs + BatchNorm folded, and
             # one-channel 1×1 convs as broadcast multiplies, in-place activations and sums (2-core CPU, base sliding
             # window 3.8-4.2 s -> 2.6-2.8 s, benchmarks/results/levers_cpu_2core_inplace_*.json)
+            # and the MKDC shuffles folded into the project convs, the stem's project + shortcut as one product and the
+            # GAGs' grouped convs as depth-wise convs (forward of 4 base windows 0.60 -> 0.51 s, merge_pointwise)
             self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, channels_last=True, outer_product=True,
-                                        inplace=True) for n in self.networks]
+                                        inplace=True, merge_pointwise=True) for n in self.networks]
             self.predictors = list(self.networks)
             return (f"{self.device.type}{' bf16' if self.autocast else ''} channels_last + folded BatchNorm"
-                    " + outer-product stem + in-place")
+                    " + outer-product stem + in-place + merged pointwise")
         for net in self.networks:
             accelerate(net)
         fused = sum(fused_mkdc_count(n)[0] for n in self.networks)

@@ -36,6 +36,7 @@ def accelerate(
     pointwise_matmul: bool = False,
     outer_product: bool = False,
     inplace: bool = False,
+    merge_pointwise: bool = False,
 ) -> nn.Module:
     """Switch ``model`` (in place, or a deep copy with ``copy_model=True``) to the fast paths; returns it.
 
@@ -62,7 +63,12 @@ def accelerate(
             on a fresh conv/norm/sum output), and with autograd off the MKDC branch sums, MKIR shortcuts and the decoder's
             ReLU and skip sums accumulate into fresh intermediates instead of allocating new full-size tensors
             (``ul3d predict``'s CPU default; 2-core CPU, base sliding window −25 %).
+        merge_pointwise: inference with autograd off: every MKIR folds its MKDC's channel shuffle into the project
+            conv's weight (no shuffle copy) and, for a one-channel input with BatchNorm folded, computes project and
+            shortcut as one matrix product (:meth:`~ul3d.networks.blocks.MKIR._forward_merged`); every GAG whose
+            grouped convs map each group to one channel computes them as depth-wise convs plus a channel sum.
     """
+    from .blocks.attention import GAG
     from .blocks.multikernel import MKDC, MKIR
     from .nets.ultralightunet import DecoderStage
 
@@ -80,6 +86,9 @@ def accelerate(
         if isinstance(m, MKIR):
             m.pointwise_matmul = bool(pointwise_matmul)
             m.outer_product = bool(outer_product)
+            m.merge_pointwise = bool(merge_pointwise)
+        if isinstance(m, GAG):
+            m.depthwise_sum = bool(merge_pointwise)
         if inplace and isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             m.inplace = True
         if isinstance(m, (MKDC, MKIR, DecoderStage)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer
@@ -211,9 +212,48 @@ class GAG(nn.Module):
         )
         self.act = get_act_layer(act)
         self.psi = Convolution(spatial_dims, inter, 1, kernel_size=1, bias=True, norm=norm, act="sigmoid")
+        # ``depthwise_sum`` (``accelerate(merge_pointwise=True)``, inference with autograd off, BatchNorm folded): when
+        # every group maps its input channels to one output channel, both grouped convs run as depth-wise convs whose
+        # per-group channels are then summed (oneDNN's grouped 3D conv with 2 channels per group is slow on the CPU)
+        self.depthwise_sum = False
 
     def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.depthwise_sum and not torch.is_grad_enabled() \
+                and self._depthwise_sum_supported(g, x):
+            return x * self.psi(self.act(self._gates_depthwise(g, x)))
         return x * self.psi(self.act(self.gate_conv(g) + self.skip_conv(x)))
+
+    @torch.jit.unused
+    def _depthwise_sum_supported(self, g: torch.Tensor, x: torch.Tensor) -> bool:
+        for block, t in ((self.gate_conv, g), (self.skip_conv, x)):
+            conv, adn = block.conv, getattr(block, "adn", None)
+            if conv.out_channels != conv.groups or conv.bias is None or conv.padding_mode != "zeros":
+                return False
+            if adn is not None and not all(isinstance(m, nn.Identity) for m in adn.children()):
+                return False  # a norm that is not folded
+            if t.dim() < 3 or t.is_contiguous() or not t.movedim(1, -1).is_contiguous():
+                return False  # channels-last only (the channel sum below reads the last memory axis)
+        return self.gate_conv.conv.in_channels == self.skip_conv.conv.in_channels
+
+    @torch.jit.unused
+    def _gates_depthwise(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``GC_g(g) + GC_x(x)`` (BatchNorm folded) with each group of ``p`` input channels -> 1 output channel:
+        ``Σ_{i<p} w[o, i] ⋆ in[o·p + i]``, i.e. a depth-wise conv with weights ``w.reshape(C, 1, k…)`` then a sum of
+        every ``p`` consecutive channels."""
+        total = None
+        for block, t in ((self.gate_conv, g), (self.skip_conv, x)):
+            conv = block.conv
+            c = conv.in_channels
+            w = conv.weight.reshape(c, 1, *conv.weight.shape[2:])
+            w = w.contiguous(memory_format=torch.channels_last_3d if w.dim() == 5 else torch.channels_last)
+            y = F.conv3d(t, w, None, conv.stride, conv.padding, conv.dilation, c) if t.dim() == 5 else \
+                F.conv2d(t, w, None, conv.stride, conv.padding, conv.dilation, c)
+            total = y if total is None else total.add_(y)
+        groups = self.gate_conv.conv.groups
+        last = total.movedim(1, -1)
+        out = last.unflatten(-1, (groups, -1)).sum(-1)
+        out = out.add_(self.gate_conv.conv.bias + self.skip_conv.conv.bias)
+        return out.movedim(-1, 1)
 
 
 class AttentionGate(GAG):

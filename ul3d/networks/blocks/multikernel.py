@@ -185,13 +185,17 @@ class MKDC(nn.Module):
         return self.forward_plain(x)
 
     def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
-        out = None
-        for branch in self.branches:
+        return self.shuffle(self.branch_sum(x))
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``Σ_k ReLU6(BN(DWC_k(x)))`` of Eq. 2 with the plain modules, before the channel shuffle."""
+        out = x
+        for i, branch in enumerate(self.branches):
             y = branch(x)
-            out = y if out is None else accumulate(out, y, self.inplace)
+            out = y if i == 0 else accumulate(out, y, self.inplace)
             if not self.parallel:
                 x = x + y
-        return self.shuffle(out)
+        return out
 
     @torch.jit.unused
     def triton_unsupported(self) -> str | None:
@@ -428,10 +432,17 @@ class MKIR(nn.Module):
         self.outer_product = False
         # ``inplace`` (``accelerate(inplace=True)``, inference): the shortcut is added in place when autograd is off
         self.inplace = False
+        # ``merge_pointwise`` (``accelerate(merge_pointwise=True)``, inference with autograd off): the MKDC's channel
+        # shuffle becomes a permutation of the project conv's input channels, and with a one-channel input (and
+        # BatchNorm folded) project and shortcut are one matrix product over [MKDC output, input]
+        self.merge_pointwise = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and (self.pointwise_matmul or (self.outer_product and x.shape[1] == 1)):
-            return self._forward_fast(x)
+        if not torch.jit.is_scripting():
+            if self.merge_pointwise and not torch.is_grad_enabled() and self.mkdc_plain():
+                return self._forward_merged(x)
+            if self.pointwise_matmul or (self.outer_product and x.shape[1] == 1):
+                return self._forward_fast(x)
         out = self.project(self.mkdc(self.expand(x)))
         if self.residual:
             out = accumulate(out, self.shortcut(x), self.inplace)
@@ -448,6 +459,47 @@ class MKIR(nn.Module):
             sc = self.shortcut
             out = accumulate(out, conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x,
                              self.inplace)
+        return out
+
+
+    @torch.jit.unused
+    def mkdc_plain(self) -> bool:
+        """Whether the MKDC runs its plain modules (neither its fused nor its Triton forward)."""
+        return not (self.mkdc.fused or self.mkdc.triton)
+
+    @torch.jit.unused
+    def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for inference (autograd off) without the shuffle's copy: ``PWC_2(CS(h)) = PWC_2'(h)`` where
+        ``PWC_2'`` takes its input channels in the unshuffled order. ``CS`` puts channel ``i·n + j`` of ``h`` at
+        ``j·g + i`` (``g`` groups of ``n``), so ``W'[:, i·n + j] = W[:, j·g + i]``. For a one-channel (channels-last)
+        input with BatchNorm folded into the project conv, ``W'·h + b + w_s·x`` is one ``addmm`` over the
+        concatenated ``[h, x]`` voxels: no separate shortcut tensor and no sum."""
+        one = self.outer_product and x.shape[1] == 1
+        expanded = _pointwise_block(self.expand, x, outer_product_conv) if one else self.expand(x)
+        h = self.mkdc.branch_sum(expanded)
+        conv = self.project.conv
+        w, g = conv.weight, self.mkdc.shuffle.groups
+        if g > 1:
+            c = w.shape[1]
+            w = w[:, torch.arange(c, device=w.device).view(c // g, g).t().reshape(-1)]
+        adn = getattr(self.project, "adn", None)
+        affine_only = adn is None or all(isinstance(m, nn.Identity) for m in adn.children())
+        channels_last = h.dim() > 2 and not h.is_contiguous() and h.movedim(1, -1).is_contiguous()
+        sc = self.shortcut
+        if one and self.residual and affine_only and channels_last and isinstance(sc, nn.modules.conv._ConvNd):
+            rows = torch.cat([h.movedim(1, -1), x.movedim(1, -1)], -1).reshape(-1, h.shape[1] + 1)
+            wcat = torch.cat([w.reshape(w.shape[0], -1), sc.weight.reshape(w.shape[0], 1)], 1).t()
+            out = rows @ wcat if conv.bias is None else torch.addmm(conv.bias, rows, wcat)
+            return out.reshape(x.shape[0], *x.shape[2:], w.shape[0]).movedim(-1, 1)
+        if channels_last:
+            w = w.contiguous(memory_format=torch.channels_last_3d if w.dim() == 5 else torch.channels_last)
+        out = conv._conv_forward(h, w, conv.bias)
+        if adn is not None:
+            out = adn(out)
+        if self.residual:
+            shortcut = outer_product_conv(x, sc.weight, sc.bias) if one and isinstance(sc, nn.modules.conv._ConvNd) \
+                else sc(x)
+            out = accumulate(out, shortcut, self.inplace)
         return out
 
 
