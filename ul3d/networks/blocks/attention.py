@@ -218,9 +218,9 @@ class GAG(nn.Module):
         self.depthwise_sum = False
 
     def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.depthwise_sum and not torch.is_grad_enabled() \
-                and self._depthwise_sum_supported(g, x):
-            return x * self.psi(self.act(self._gates_depthwise(g, x)))
+        if not torch.jit.is_scripting():  # (TorchScript skips this block)
+            if self.depthwise_sum and not torch.is_grad_enabled() and self._depthwise_sum_supported(g, x):
+                return x * self.psi(self.act(self._gates_depthwise(g, x)))
         return x * self.psi(self.act(self.gate_conv(g) + self.skip_conv(x)))
 
     @torch.jit.unused
