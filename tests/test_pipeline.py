@@ -21,7 +21,7 @@ from ul3d.data.datasets import load_dataset
 from ul3d.data.io import write_like
 from ul3d.data.synth import write_synthetic
 from ul3d.engine.infer import Predictor, group_cases, predict_paths
-from ul3d.engine.train import load_checkpoint, train
+from ul3d.engine.train import load_checkpoint, network_from_spec, train
 
 FAST = [
     "network.variant=T", "train.roi_size=[32,32,32]", "train.iterations=2", "train.val_interval=2",
@@ -352,3 +352,17 @@ def test_cuda_graph_setting_and_resume_across_modes(tmp_path, capsys):
         assert all(h["loss"] == h["loss"] and h["train_seconds"] > 0 for h in result.history)  # finite, timed
         ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
         assert ckpt["scheduler"]["last_epoch"] == 16
+
+
+def test_train_with_activation_checkpointing_from_the_config(tmp_path):
+    """network.kwargs.use_checkpoint=true reaches the network through ul3d train: training runs, the checkpoint
+    records the setting, and the weights load back into a network built from the checkpoint's spec."""
+    data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=3)
+    cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "network.kwargs.use_checkpoint=true"])
+    result = train(cfg, data, tmp_path / "run", device="cpu")
+    assert result.iterations == 2 and all(h["loss"] == h["loss"] for h in result.history)
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
+    assert ckpt["network_spec"]["kwargs"] == {"use_checkpoint": True}
+    net = network_from_spec(ckpt["network_spec"])
+    assert net.use_checkpoint
+    net.load_state_dict(ckpt["network"])
