@@ -487,10 +487,12 @@ class MKIR(nn.Module):
         channels_last = h.dim() > 2 and not h.is_contiguous() and h.movedim(1, -1).is_contiguous()
         sc = self.shortcut
         if one and self.residual and affine_only and channels_last and isinstance(sc, nn.modules.conv._ConvNd):
-            rows = torch.cat([h.movedim(1, -1), x.movedim(1, -1)], -1).reshape(-1, h.shape[1] + 1)
-            wcat = torch.cat([w.reshape(w.shape[0], -1), sc.weight.reshape(w.shape[0], 1)], 1).t()
-            out = rows @ wcat if conv.bias is None else torch.addmm(conv.bias, rows, wcat)
-            return out.reshape(x.shape[0], *x.shape[2:], w.shape[0]).movedim(-1, 1)
+            # the bias as one more input column of ones (addmm would first copy it into every output row)
+            cols = [h.movedim(1, -1), x.movedim(1, -1)] + ([] if conv.bias is None else [torch.ones_like(x.movedim(1, -1))])
+            rows = torch.cat(cols, -1).reshape(-1, sum(c.shape[-1] for c in cols))
+            wcols = [w.reshape(w.shape[0], -1), sc.weight.reshape(w.shape[0], 1)]
+            wcat = torch.cat(wcols + ([] if conv.bias is None else [conv.bias.reshape(-1, 1)]), 1).t()
+            return (rows @ wcat).reshape(x.shape[0], *x.shape[2:], w.shape[0]).movedim(-1, 1)
         if channels_last:
             w = w.contiguous(memory_format=torch.channels_last_3d if w.dim() == 5 else torch.channels_last)
         out = conv._conv_forward(h, w, conv.bias)
