@@ -484,3 +484,48 @@ def test_keep_freed_memory_stops_page_faulting_every_activation():
     faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS, mode], check=True, capture_output=True,
                                        text=True).stdout.split()[-1]) for mode in ("default", "keep")}
     assert faults["default"] > 5000 and faults["keep"] < 0.2 * faults["default"], faults
+
+
+def test_use_checkpoint_under_compile_updates_running_statistics_once():
+    """Under torch.compile (aot_eager: no C compiler needed) a checkpointed stage's BatchNorm statistics are updated
+    once per step, also where the region would not trace in one piece (momentum=None reads ``.item()``; such a
+    region runs without checkpointing: with a checkpoint there, each step counted twice)."""
+    import copy
+
+    from ul3d.networks.nets._utils import _compiled_checkpoint_safe
+
+    torch.manual_seed(0)
+    ref = get_network("ultralightunet", "T", spatial_dims=2, in_channels=1, out_channels=3).train()
+    assert _compiled_checkpoint_safe(ref.decoder[0])
+    assert not _compiled_checkpoint_safe(accelerate(copy.deepcopy(ref), fused_mkdc=True, recompute=True).decoder[0])
+    for m in ref.modules():  # cumulative-average BatchNorm everywhere
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    assert not _compiled_checkpoint_safe(ref.decoder[0])
+    ckpt = copy.deepcopy(ref)
+    ckpt.use_checkpoint = True
+    compiled = torch.compile(ckpt, backend="aot_eager")
+    x = torch.randn(2, 1, 64, 64)
+    for _ in range(2):
+        ref(x).square().mean().backward()
+        compiled(x).square().mean().backward()
+    torch._dynamo.reset()
+    for (name, a), b in zip(ref.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_inference_keys_ignore_strides():
+    """Windows that are views of a larger volume (MONAI's sliding window at sw_batch_size=1) share one graph whatever
+    their strides, and give the eager result."""
+    from ul3d.networks.fast import CUDAGraphInference
+
+    net = _with_statistics(get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3),
+                           (2, 1, 32, 32, 32)).cuda()
+    runner = CUDAGraphInference(net)
+    with torch.no_grad():
+        for size in (64, 96):
+            vol = torch.randn(1, 1, size, size, size, device="cuda")
+            for window in (vol[..., :32, :32, :32], vol[..., -32:, 16:48, -32:]):
+                torch.testing.assert_close(runner(window), net(window.contiguous()), rtol=1e-5, atol=1e-5)
+    assert len(runner.graphs) == 1 and not runner.failed

@@ -281,9 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .config import ConfigError
     from .data.validation import DatasetError
-    from .utils import keep_freed_memory
-
-    keep_freed_memory()  # CPU work: freed activations are reused instead of page-faulted in again (glibc only)
     try:
         return int(args.func(args) or 0)
     except (DatasetError, ConfigError, FileNotFoundError, ValueError) as e:

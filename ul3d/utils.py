@@ -49,25 +49,28 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
 
     By default glibc maps every block above its mmap threshold (128 KiB, adapting up to 32 MiB) fresh from the kernel
     and unmaps it when freed, so each new full-size activation of a 3D network (tens of MB on the CPU) is paid again
-    in page faults on first touch. Raising the mmap threshold and switching off heap trimming makes freed blocks
-    reusable: the same results, the process keeps its peak memory reserved instead of returning it. (Allocators such
-    as jemalloc or tcmalloc, preloaded, do the same; PyTorch's CPU allocator has no cache of its own.)
+    in page faults on first touch. Raising the mmap threshold (to ``mmap_threshold``, or glibc's cap of 32 MiB where
+    an older glibc refuses more), switching off heap trimming and using one arena (a thread's own arena cannot hold
+    blocks above 64 MiB and falls back to fresh mappings) makes freed blocks reusable: the same results, while the
+    process keeps its peak memory reserved instead of returning it. Allocators such as jemalloc or tcmalloc,
+    preloaded, do the same (then this is a no-op). ul3d's CPU :class:`~ul3d.engine.infer.Predictor` calls it.
 
-    Process-wide and idempotent. Returns True when applied (Linux with glibc), False elsewhere (a no-op).
+    Process-wide and idempotent. Returns True when the threshold and trimming settings are in effect (Linux with
+    glibc), False elsewhere (nothing changed) or when glibc refused them.
     """
     global _KEPT
     if _KEPT:
         return True
-    if not sys.platform.startswith("linux"):
+    preload = os.environ.get("LD_PRELOAD", "")
+    if not sys.platform.startswith("linux") or "jemalloc" in preload or "tcmalloc" in preload:
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...)
         return False
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc's <malloc.h> parameter numbers
-    # one arena: a block freed by one of PyTorch's worker threads is reusable by every other thread (a thread's own
-    # arena cannot hold blocks above 64 MiB at all and falls back to fresh mappings)
-    _KEPT = all(mallopt(param, value) for param, value in ((m_arena_max, 1), (m_mmap_threshold, int(mmap_threshold)),
-                                                           (m_trim_threshold, 2**31 - 1)))
+    threshold = bool(mallopt(m_mmap_threshold, int(mmap_threshold))) or bool(mallopt(m_mmap_threshold, 32 << 20))
+    trim = bool(mallopt(m_trim_threshold, 2**31 - 1))
+    mallopt(m_arena_max, 1)  # best effort: threads that already have an arena keep it
+    _KEPT = threshold and trim
     return _KEPT

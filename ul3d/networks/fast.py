@@ -146,8 +146,10 @@ class CUDAGraphInference:
     A network as small as UltraLightUNet3D launches a few hundred kernels per forward; replaying them as a CUDA graph
     removes the CPU launch cost between them. The first call with a new shape (and autocast state) runs ``warmup``
     eager forwards on a side stream, then captures one; later calls copy the input into the graph's static input,
-    replay it and return a copy of its output. Every graph shares one memory pool. Calls without CUDA, with autograd
-    enabled, or while a graph of another stream is being captured run ``net`` directly.
+    replay it and return a copy of its output. Every graph shares one memory pool (replays are sequential on one
+    stream and each output is copied out at once). Graphs are keyed by shape, memory format, dtype, device, inference
+    mode and autocast state, not strides. Calls without CUDA, with autograd enabled, or while a graph is being
+    captured run ``net`` directly; so does a shape whose capture failed (the reason is kept in ``failed``).
 
     Args:
         net: the network, in eval mode (BatchNorm with running statistics: a graph freezes nothing else).
@@ -161,26 +163,39 @@ class CUDAGraphInference:
         self.max_graphs = int(max_graphs)
         self.warmup = int(warmup)
         self.graphs: dict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.failed: dict[tuple, str] = {}  # keys whose capture failed (they run eagerly), with the reason
         self.pool = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # MONAI MetaTensor -> plain tensor (the graph is plain)
         if x.device.type != "cuda" or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
             return self.net(x)
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device, torch.is_autocast_enabled("cuda"),
-               torch.get_autocast_dtype("cuda"))
+        channels_last = x.dim() in (4, 5) and x.is_contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d) and not x.is_contiguous()
+        # strides are not part of the key (a window may be a view of the whole volume): copy_ takes any layout
+        key = (tuple(x.shape), channels_last, x.dtype, x.device, torch.is_inference_mode_enabled(),
+               torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         entry = self.graphs.get(key)
         if entry is None:
-            if len(self.graphs) >= self.max_graphs:
+            if len(self.graphs) >= self.max_graphs or key in self.failed:
                 return self.net(x)
-            entry = self.graphs[key] = self._capture(x)
+            with torch.cuda.device(x.device):
+                try:
+                    entry = self._capture(x, channels_last)
+                except RuntimeError as e:  # e.g. an op that cannot be captured: this shape runs eagerly
+                    self.failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    torch.cuda.synchronize(x.device)
+                    return self.net(x)
+            self.graphs[key] = entry
         static_in, graph, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
+        with torch.cuda.device(x.device):
+            static_in.copy_(x)
+            graph.replay()
+            return static_out.clone()
 
-    def _capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
-        static_in = x.clone()
+    def _capture(self, x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
+        fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
+        static_in = x.clone(memory_format=fmt)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):

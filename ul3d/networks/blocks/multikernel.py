@@ -464,8 +464,8 @@ class MKIR(nn.Module):
 
     @torch.jit.unused
     def mkdc_plain(self) -> bool:
-        """Whether the MKDC runs its plain modules (neither its fused nor its Triton forward)."""
-        return not (self.mkdc.fused or self.mkdc.triton)
+        """Whether the MKDC runs its plain modules (not its fused, Triton or float32-under-autocast forward)."""
+        return not (self.mkdc.fused or self.mkdc.triton or self.mkdc.float32)
 
     @torch.jit.unused
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
@@ -486,7 +486,8 @@ class MKIR(nn.Module):
         affine_only = adn is None or all(isinstance(m, nn.Identity) for m in adn.children())
         channels_last = h.dim() > 2 and not h.is_contiguous() and h.movedim(1, -1).is_contiguous()
         sc = self.shortcut
-        if one and self.residual and affine_only and channels_last and isinstance(sc, nn.modules.conv._ConvNd):
+        if one and self.residual and affine_only and channels_last and isinstance(sc, nn.modules.conv._ConvNd) \
+                and sc.bias is None:
             # the bias as one more input column of ones (addmm would first copy it into every output row)
             cols = [h.movedim(1, -1), x.movedim(1, -1)] + ([] if conv.bias is None else [torch.ones_like(x.movedim(1, -1))])
             rows = torch.cat(cols, -1).reshape(-1, sum(c.shape[-1] for c in cols))

@@ -74,12 +74,28 @@ def _running_stats_kept(module: nn.Module):
                 b.copy_(s)
 
 
+def _compiled_checkpoint_safe(module: nn.Module) -> bool:
+    """Whether ``torch.compile`` traces the region in one piece, so its recomputation cannot update running
+    statistics again: BatchNorm with ``momentum=None`` (a cumulative average, read with ``.item()``) and the fused
+    MKDC's own recomputation break the graph, and an eager checkpoint inside a compiled region has no guard."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats and m.momentum is None:
+            return False
+        if getattr(m, "fused_recompute", False) and getattr(m, "fused", False):
+            return False
+    return True
+
+
 def checkpointed(module: nn.Module, fn, *args):
     """``fn(*args)`` under activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant): only
     the inputs are kept for backward and the region is recomputed there. ``module`` holds the region's norm layers,
-    whose running statistics are updated once, in the forward pass. Under ``torch.compile`` the compiler's
-    partitioner recomputes the region and buffer updates are not replayed."""
+    whose running statistics are updated once, in the forward pass (eagerly, they are restored after the
+    recomputation). Under ``torch.compile`` the compiler's partitioner recomputes the traced region and replays no
+    buffer update; a region it would not trace in one piece runs without checkpointing instead. The networks draw no
+    random numbers, so the RNG state is not saved (which CUDA-graph capture would refuse on older PyTorch)."""
     if torch.compiler.is_compiling():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return checkpoint(fn, *args, use_reentrant=False,
+        if not _compiled_checkpoint_safe(module):
+            return fn(*args)
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False,
                       context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(module)))
