@@ -327,7 +327,7 @@ def run_levers(args, device: torch.device, name: str) -> None:
         _tokens(lever)
     specs = args.networks or LEVER_NETWORKS
     iters = args.iters if args.iters_given else (5 if args.quick else 10 if cuda else 1)
-    sw_iters = 1 if (args.quick or not cuda) else 2
+    sw_iters = args.sw_iters or (1 if (args.quick or not cuda) else 2)
     shape, overlap = ((256, 256, 128), 0.5) if cuda else ((192, 192, 96), 0.25)
     bw = _bandwidth(name) if cuda else None
     start = time.perf_counter()
@@ -474,6 +474,8 @@ def main() -> None:
     ap.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
                     help="issue 7: measure speed levers (no names: the device's default set; 'all': with optional ones)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (levers)")
+    ap.add_argument("--sw-iters", type=int, default=None,
+                    help="levers: timed sliding windows per row, the median is reported (default 1 on CPU, 2 on CUDA)")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="levers: skip compiled levers once this many seconds have passed (default 240)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 on CPU)")
