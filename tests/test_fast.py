@@ -284,7 +284,8 @@ def test_outer_product_inplace_folded_batchnorm_channels_last_network():
 def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
     """accelerate(merge_pointwise=True) on the CPU inference path: the shuffle folded into the project conv, the
     one-channel stem's project + shortcut as one product, the GAGs' grouped convs as depth-wise convs plus a channel
-    sum: each merged path runs, the output is the plain network's within 1e-4, and training is untouched."""
+    sum, the 3D spatial-attention conv as 2D convs over depth slices: each merged path runs, the output is the plain
+    network's within 1e-4, and training is untouched."""
     from ul3d.networks.blocks import GAG, MKIR
 
     net = _with_statistics(get_network("ultralightunet", variant, spatial_dims=dims, in_channels=1, out_channels=3,
@@ -292,8 +293,10 @@ def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
     fast = accelerate(net, fold_bn=True, channels_last=True, outer_product=True, fused_mkdc=False, inplace=True,
                       merge_pointwise=True)
-    calls = {"stem": 0, "mkir": 0, "gag": 0}
-    merged, gates = MKIR._forward_merged, GAG._gates_depthwise
+    from ul3d.networks.blocks import SpatialAttention
+
+    calls = {"stem": 0, "mkir": 0, "gag": 0, "sa": 0}
+    merged, gates, sliced = MKIR._forward_merged, GAG._gates_depthwise, SpatialAttention._conv3d_sliced
 
     def spy_mkir(self, x):
         calls["stem" if x.shape[1] == 1 else "mkir"] += 1
@@ -305,10 +308,16 @@ def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
 
     monkeypatch.setattr(MKIR, "_forward_merged", spy_mkir)
     monkeypatch.setattr(GAG, "_gates_depthwise", spy_gag)
+
+    def spy_sa(self, desc):
+        calls["sa"] += 1
+        return sliced(self, desc)
+
+    monkeypatch.setattr(SpatialAttention, "_conv3d_sliced", spy_sa)
     x = torch.randn((2, 1) + (32,) * dims)
     with torch.no_grad():
         ref, out = net(x), fast(x.contiguous(memory_format=fmt))
-    assert calls == {"stem": 1, "mkir": 9, "gag": 4}
+    assert calls == {"stem": 1, "mkir": 9, "gag": 4, "sa": 5 if dims == 3 else 0}
     assert ref.abs().max() > 1e-2 and (ref - out).abs().max() <= 1e-4
     # with autograd on the merged paths stay off (the plain modules train)
     trained = accelerate(copy.deepcopy(net).train(), merge_pointwise=True, fused_mkdc=False)
@@ -529,3 +538,17 @@ def test_cuda_graph_inference_keys_ignore_strides():
             for window in (vol[..., :32, :32, :32], vol[..., -32:, 16:48, -32:]):
                 torch.testing.assert_close(runner(window), net(window.contiguous()), rtol=1e-5, atol=1e-5)
     assert len(runner.graphs) == 1 and not runner.failed
+
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 8, 6, 4), (2, 5, 3, 5, 7), (3, 8, 6, 10)])
+def test_global_max_pool_channels_last_is_exact(shape):
+    """GlobalMaxPool of a channels-last tensor (rows of channels, four voxels per row when they divide the volume)
+    gives AdaptiveMaxPool's values exactly."""
+    from ul3d.networks.blocks.attention import GlobalMaxPool
+
+    x = torch.randn(shape)
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    ref = (nn.AdaptiveMaxPool3d(1) if x.dim() == 5 else nn.AdaptiveMaxPool2d(1))(x)
+    assert torch.equal(GlobalMaxPool()(x), ref)
+    assert torch.equal(GlobalMaxPool()(x.contiguous(memory_format=fmt)), ref)

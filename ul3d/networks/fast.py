@@ -66,9 +66,10 @@ def accelerate(
         merge_pointwise: inference with autograd off: every MKIR folds its MKDC's channel shuffle into the project
             conv's weight (no shuffle copy) and, for a one-channel input with BatchNorm folded, computes project and
             shortcut as one matrix product (:meth:`~ul3d.networks.blocks.MKIR._forward_merged`); every GAG whose
-            grouped convs map each group to one channel computes them as depth-wise convs plus a channel sum.
+            grouped convs map each group to one channel computes them as depth-wise convs plus a channel sum; every 3D
+            spatial-attention conv runs as 2D convs over the depth slices plus a shifted sum.
     """
-    from .blocks.attention import GAG
+    from .blocks.attention import GAG, SpatialAttention
     from .blocks.multikernel import MKDC, MKIR
     from .nets.ultralightunet import DecoderStage
 
@@ -89,6 +90,8 @@ def accelerate(
             m.merge_pointwise = bool(merge_pointwise)
         if isinstance(m, GAG):
             m.depthwise_sum = bool(merge_pointwise)
+        if isinstance(m, SpatialAttention):
+            m.sliced = bool(merge_pointwise)
         if inplace and isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             m.inplace = True
         if isinstance(m, (MKDC, MKIR, DecoderStage)):

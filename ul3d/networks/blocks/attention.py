@@ -34,7 +34,17 @@ class GlobalMaxPool(nn.Module):
     :mod:`ul3d.profiling`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.flatten(2).amax(dim=2)
+        n, c = x.shape[0], x.shape[1]
+        if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+            # channels-last: reduce over the voxels as rows of channels; four voxels per row (when they divide the
+            # volume) give PyTorch's CPU reduction a vectorisable inner size (4·C): 11.5 -> 0.9 ms at 4×16×48³
+            rows = x.movedim(1, -1).reshape(n, -1, c)
+            if rows.shape[1] % 4 == 0:
+                out = rows.reshape(n, -1, 4 * c).amax(dim=1).reshape(n, 4, c).amax(dim=1)
+            else:
+                out = rows.amax(dim=1)
+        else:
+            out = x.flatten(2).amax(dim=2)
         for _ in range(x.dim() - 2):
             out = out.unsqueeze(-1)
         return out
@@ -88,11 +98,33 @@ class SpatialAttention(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f"SpatialAttention: kernel_size must be odd, got {kernel_size}.")
         self.conv = Conv[Conv.CONV, spatial_dims](2, 1, kernel_size=kernel_size, padding=kernel_size // 2, bias=False)
+        # ``sliced`` (``accelerate(merge_pointwise=True)``, 3D inference with autograd off): the k³ conv as k 2D convs
+        # (one per depth tap) over the depth slices plus a shifted sum (oneDNN's 3D conv to one output channel is
+        # slow on the CPU: 29.5 -> 7.4 ms at 4×48³)
+        self.sliced = False
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map ``(B, 1, *S)`` of Eq. 4."""
         desc = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        if not torch.jit.is_scripting():  # (TorchScript skips this block)
+            if self.sliced and desc.dim() == 5 and not torch.is_grad_enabled():
+                return torch.sigmoid(self._conv3d_sliced(desc))
         return torch.sigmoid(self.conv(desc))
+
+    @torch.jit.unused
+    def _conv3d_sliced(self, desc: torch.Tensor) -> torch.Tensor:
+        """``conv(desc)`` ("same" zero padding, stride 1, no bias) as ``y[d] = Σ_j z_j[d + j - k//2]`` with
+        ``z_j = conv2d(desc[:, :, d], W[:, :, j])``: one 2D conv with ``k`` output channels over the ``B·D`` slices."""
+        w = self.conv.weight  # (1, 2, k, k, k)
+        k, pad = w.shape[2], w.shape[2] // 2
+        n, c, d, h, wd = desc.shape
+        slices = desc.transpose(1, 2).reshape(n * d, c, h, wd)
+        z = F.conv2d(slices, w[0].transpose(0, 1).contiguous(), None, 1, pad).view(n, d, k, h, wd)
+        z = F.pad(z, (0, 0, 0, 0, 0, 0, pad, pad))  # zero depth padding
+        out = z[:, 0:d, 0].clone()
+        for j in range(1, k):
+            out += z[:, j:j + d, j]
+        return out.unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weights(x) * x
