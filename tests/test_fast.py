@@ -552,3 +552,25 @@ def test_global_max_pool_channels_last_is_exact(shape):
     ref = (nn.AdaptiveMaxPool3d(1) if x.dim() == 5 else nn.AdaptiveMaxPool2d(1))(x)
     assert torch.equal(GlobalMaxPool()(x), ref)
     assert torch.equal(GlobalMaxPool()(x.contiguous(memory_format=fmt)), ref)
+
+
+@pytest.mark.parametrize("dims,channels,groups", [(3, 16, 8), (3, 16, 4), (2, 12, 3)])
+def test_gag_depthwise_sum_is_the_same_function(dims, channels, groups):
+    """GAG's grouped convs with one output per group as depth-wise convs plus a sum of each group's channels
+    (2, 4 channels per group), BatchNorm folded, channels-last: the plain gate's output within 1e-5."""
+    from ul3d.networks.blocks import GAG
+
+    gag = GAG(dims, channels, channels, inter_channels=groups, groups=groups)
+    gag.train()
+    with torch.no_grad():
+        for _ in range(3):
+            gag(torch.randn((2, channels) + (6,) * dims) * 2, torch.randn((2, channels) + (6,) * dims))
+    gag.eval()
+    fast = accelerate(gag, fold_bn=True, channels_last=True, merge_pointwise=True, fused_mkdc=False)
+    assert fast.depthwise_sum
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    g, x = torch.randn((2, channels) + (7,) * dims), torch.randn((2, channels) + (7,) * dims)
+    with torch.no_grad():
+        assert fast._depthwise_sum_supported(g.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt))
+        out = fast(g.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt))
+        torch.testing.assert_close(out, gag(g, x), rtol=1e-5, atol=1e-5)

@@ -283,7 +283,11 @@ class GAG(nn.Module):
             total = y if total is None else total.add_(y)
         groups = self.gate_conv.conv.groups
         last = total.movedim(1, -1)
-        out = last.unflatten(-1, (groups, -1)).sum(-1)
+        p = last.shape[-1] // groups
+        # strided adds of channel i of every group, not a sum over a size-p axis (9.5 vs 1.2 ms at 4×16×48³, p=2)
+        out = last[..., 0::p] + last[..., 1::p] if p > 1 else last.clone()
+        for i in range(2, p):
+            out += last[..., i::p]
         out = out.add_(self.gate_conv.conv.bias + self.skip_conv.conv.bias)
         return out.movedim(-1, 1)
 
