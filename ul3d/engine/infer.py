@@ -203,7 +203,8 @@ class Predictor:
             # one-channel 1×1 convs as broadcast multiplies, in-place activations and sums (2-core CPU, base sliding
             # window 3.8-4.2 s -> 2.6-2.8 s, benchmarks/results/levers_cpu_2core_inplace_*.json)
             # and the MKDC shuffles folded into the project convs, the stem's project + shortcut as one product and the
-            # GAGs' grouped convs as depth-wise convs (forward of 4 base windows 0.60 -> 0.51 s, merge_pointwise)
+            # GAGs' grouped convs as depth-wise convs, the 3D spatial-attention conv over depth slices (merge_pointwise;
+            # forward of 4 base windows 0.60 -> 0.47 s)
             self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, channels_last=True, outer_product=True,
                                         inplace=True, merge_pointwise=True) for n in self.networks]
             self.predictors = list(self.networks)
