@@ -265,7 +265,9 @@ def multi_gpu_config() -> dict[str, Any]:
             "lambda engine: @train#sampler.set_epoch(engine.state.epoch))",
             "$@train#trainer.run()",
         ],
-        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+        # every rank waits until rank 0 has saved its last checkpoint before the process group goes: a rank that tore
+        # gloo down while the other was still writing aborted at exit ("terminate called without an active exception")
+        "finalize": ["$dist.is_initialized() and dist.barrier()", "$dist.is_initialized() and dist.destroy_process_group()"],
     }
 
 
