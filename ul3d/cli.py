@@ -281,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from .config import ConfigError
     from .data.validation import DatasetError
+
     try:
         return int(args.func(args) or 0)
     except (DatasetError, ConfigError, FileNotFoundError, ValueError) as e:

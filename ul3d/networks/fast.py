@@ -19,6 +19,8 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
+from .blocks.multikernel import channels_last_format, is_channels_last
+
 __all__ = ["CUDAGraphInference", "accelerate", "fold_batchnorm", "fused_mkdc_count", "plain"]
 
 
@@ -98,7 +100,7 @@ def accelerate(
             m.inplace = bool(inplace)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
-        model = model.to(memory_format=torch.channels_last_3d if dims == 5 else torch.channels_last)
+        model = model.to(memory_format=channels_last_format(dims))
     return model
 
 
@@ -173,8 +175,7 @@ class CUDAGraphInference:
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # MONAI MetaTensor -> plain tensor (the graph is plain)
         if x.device.type != "cuda" or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
             return self.net(x)
-        channels_last = x.dim() in (4, 5) and x.is_contiguous(
-            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d) and not x.is_contiguous()
+        channels_last = is_channels_last(x)
         # strides are not part of the key (a window may be a view of the whole volume): copy_ takes any layout
         key = (tuple(x.shape), channels_last, x.dtype, x.device, torch.is_inference_mode_enabled(),
                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
@@ -197,8 +198,7 @@ class CUDAGraphInference:
             return static_out.clone()
 
     def _capture(self, x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, torch.Tensor]:
-        fmt = (torch.channels_last if x.dim() == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
-        static_in = x.clone(memory_format=fmt)
+        static_in = x.clone(memory_format=channels_last_format(x.dim()) if channels_last else torch.contiguous_format)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):

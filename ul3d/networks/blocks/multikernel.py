@@ -22,6 +22,16 @@ __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDep
            "pointwise_conv", "outer_product_conv"]
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (channels the innermost memory axis) and not plainly contiguous."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def channels_last_format(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of ``ndim``-D tensors (5: ``channels_last_3d``, 4: ``channels_last``)."""
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A 1×1 convolution (``groups=1``, stride 1) as one matrix product per sample over the flattened spatial dims:
     ``y[b] = W · x[b]`` with ``W`` of shape ``(out, in)``; ``weight`` is the conv's ``(out, in, 1, ...)`` tensor.
@@ -88,7 +98,7 @@ class ChannelShuffle(nn.Module):
         if self.groups == 1:
             return x
         c = x.shape[1]
-        if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
+        if is_channels_last(x):
             # channels-last: shuffle the last memory axis so the result stays channels-last (the plain expression's
             # copy comes out channels-first, and the next 1×1 conv then runs on the slow layout: CPU inference)
             last = x.movedim(1, -1)
@@ -484,7 +494,7 @@ class MKIR(nn.Module):
             w = w[:, torch.arange(c, device=w.device).view(c // g, g).t().reshape(-1)]
         adn = getattr(self.project, "adn", None)
         affine_only = adn is None or all(isinstance(m, nn.Identity) for m in adn.children())
-        channels_last = h.dim() > 2 and not h.is_contiguous() and h.movedim(1, -1).is_contiguous()
+        channels_last = is_channels_last(h)
         sc = self.shortcut
         if one and self.residual and affine_only and channels_last and isinstance(sc, nn.modules.conv._ConvNd) \
                 and sc.bias is None:
@@ -495,7 +505,7 @@ class MKIR(nn.Module):
             wcat = torch.cat(wcols + ([] if conv.bias is None else [conv.bias.reshape(-1, 1)]), 1).t()
             return (rows @ wcat).reshape(x.shape[0], *x.shape[2:], w.shape[0]).movedim(-1, 1)
         if channels_last:
-            w = w.contiguous(memory_format=torch.channels_last_3d if w.dim() == 5 else torch.channels_last)
+            w = w.contiguous(memory_format=channels_last_format(w.dim()))
         out = conv._conv_forward(h, w, conv.bias)
         if adn is not None:
             out = adn(out)

@@ -250,9 +250,9 @@ class UltraLightUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
         check_input(x, self.spatial_dims, self.in_channels, self._name)
         size = list(x.shape[2:])
-        ckpt = self.use_checkpoint and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        ckpt = self.use_checkpoint and self.training and torch.is_grad_enabled()
         skips: list[torch.Tensor] = []
-        for i, stage in enumerate(self.encoder):
+        for stage in self.encoder:
             if ckpt and not torch.jit.is_scripting():
                 x = checkpointed(stage, _pooled, stage, self.pool, x)
             else:
