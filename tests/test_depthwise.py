@@ -118,6 +118,68 @@ def test_triton_mkdc_falls_back_where_it_does_not_apply():
     torch.testing.assert_close(block(x), block.forward_plain(x))
 
 
+@pytest.mark.parametrize("dims,channels,groups,train", [(3, 8, 4, True), (2, 6, 3, True), (2, 6, 3, False)])
+def test_triton_gag_is_the_same_function(dims, channels, groups, train):
+    """GAG with its grouped convs (2 and 4 channels per group) as Triton depth-wise convs plus channel sums, with
+    BatchNorm in training and eval mode: output, input and parameter gradients and running statistics."""
+    from ul3d.networks.blocks import GAG
+
+    torch.manual_seed(0)
+    ref = GAG(dims, channels, channels, inter_channels=groups, groups=groups).to(DEVICE)
+    fast = accelerate(copy.deepcopy(ref), triton=True)
+    assert fast.triton
+    for _ in range(2):
+        ref.train(train)
+        fast.train(train)
+        g, x = (torch.randn((2, channels) + (5,) * dims, device=DEVICE) * 2 + 0.5 for _ in range(2))
+        (g1, x1), (g2, x2) = [(g.clone().requires_grad_(), x.clone().requires_grad_()) for _ in range(2)]
+        a, b = ref(g1, x1), fast(g2, x2)
+        assert fast._depthwise_path(g2, x2)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        torch.testing.assert_close(g2.grad, g1.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
+        # relative to the largest gradient: the conv biases before a training-mode BatchNorm have a zero gradient in
+        # exact arithmetic, and fp32 leaves them rounding noise of the sums they pass through
+        scale = max(1.0, max(p.grad.abs().max().item() for p in ref.parameters()))
+        for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+            assert (q.grad - p.grad).abs().max() <= 1e-5 * scale, name
+        ref.zero_grad()
+        fast.zero_grad()
+    for (name, p), q in zip(ref.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(q.float(), p.float(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_triton_spatial_attention_is_the_same_function(dims):
+    """The spatial attention's 2 -> 1, 7^d conv as a Triton depth-wise conv plus a channel sum: output and gradients."""
+    from ul3d.networks.blocks import SpatialAttention
+
+    ref = SpatialAttention(dims).to(DEVICE)
+    fast = accelerate(copy.deepcopy(ref), triton=True)
+    assert fast.triton
+    x = torch.randn((2, 4) + (7,) * dims, device=DEVICE)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = ref(x1), fast(x2)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.conv.weight.grad, ref.conv.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_one_per_group_conv_refuses_what_it_does_not_compute():
+    from ul3d.networks.blocks.attention import one_per_group_unsupported
+
+    conv3d = torch.nn.Conv3d
+    assert one_per_group_unsupported(conv3d(8, 4, 3, padding=1, groups=4)) is None
+    assert one_per_group_unsupported(conv3d(2, 1, 7, padding=3)) is None
+    assert "one output" in one_per_group_unsupported(conv3d(8, 8, 3, padding=1, groups=4))
+    assert "strided" in one_per_group_unsupported(conv3d(8, 4, 3, padding=1, groups=4, stride=2))
+    assert "same" in one_per_group_unsupported(conv3d(8, 4, 3, padding=0, groups=4))
+
+
 @cuda_only  # Triton's interpreter takes minutes for a whole network on CPU; the blocks are compared above
 @pytest.mark.parametrize("variant", ["T", "base"])
 def test_triton_network_is_the_same_function(variant):

@@ -571,6 +571,7 @@ def test_gag_depthwise_sum_is_the_same_function(dims, channels, groups):
     fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
     g, x = torch.randn((2, channels) + (7,) * dims), torch.randn((2, channels) + (7,) * dims)
     with torch.no_grad():
-        assert fast._depthwise_sum_supported(g.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt))
+        assert fast._depthwise_path(g.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt))
+        assert not fast._depthwise_path(g, x)  # channels-first: the grouped convs (measured only channels-last)
         out = fast(g.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt))
         torch.testing.assert_close(out, gag(g, x), rtol=1e-5, atol=1e-5)

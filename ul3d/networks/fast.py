@@ -56,7 +56,9 @@ def accelerate(
             function at higher precision, and faster on CUDA where the bfloat16 depth-wise/BatchNorm kernels are slow.
         triton: every MKDC computes its depth-wise convs with ul3d's Triton kernels (:mod:`ul3d.networks.depthwise`)
             wherever they are available (CUDA tensors with Triton installed), and keeps its norm/activation modules;
-            elsewhere (CPU, TorchScript, export) the plain modules run. Takes precedence over ``fused_mkdc``.
+            elsewhere (CPU, TorchScript, export) the plain modules run. Takes precedence over ``fused_mkdc``. Every GAG's
+            grouped convs and every spatial-attention conv run as Triton depth-wise convs plus channel sums there too
+            (:func:`~ul3d.networks.blocks.attention.one_per_group_conv`).
         pointwise_matmul: every MKIR computes its 1×1 convs (expand, project, shortcut) as matrix products over the
             flattened volume (cuBLAS instead of cuDNN's channels-first 3D kernels).
         outer_product: every MKIR with a one-channel input computes its 1×1 expand and shortcut convs as broadcast
@@ -92,8 +94,10 @@ def accelerate(
             m.merge_pointwise = bool(merge_pointwise)
         if isinstance(m, GAG):
             m.depthwise_sum = bool(merge_pointwise)
+            m.triton = bool(triton)
         if isinstance(m, SpatialAttention):
             m.sliced = bool(merge_pointwise)
+            m.triton = bool(triton)
         if inplace and isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             m.inplace = True
         if isinstance(m, (MKDC, MKIR, DecoderStage)):

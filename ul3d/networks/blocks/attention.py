@@ -11,7 +11,8 @@ from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
-from .multikernel import MKIR, channels_last_format, is_channels_last
+from ..depthwise import depthwise_conv, triton_available
+from .multikernel import MKIR, accumulate, channels_last_format, is_channels_last
 
 __all__ = [
     "GlobalMaxPool",
@@ -24,7 +25,59 @@ __all__ = [
     "AttentionGate",
     "ConvolutionalMultiFocalAttention",
     "MultiKernelInvertedResidualAttention",
+    "one_per_group_conv",
 ]
+
+
+def one_per_group_unsupported(conv: nn.Module) -> str | None:
+    """Why :func:`one_per_group_conv` cannot compute ``conv`` (without its bias), or None when it can."""
+    k = conv.kernel_size
+    if conv.out_channels != conv.groups:
+        return "not one output channel per group"
+    if any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
+        return "strided, dilated or not zero-padded"
+    if any(kk % 2 == 0 for kk in k) or tuple(conv.padding) != tuple(kk // 2 for kk in k):
+        return "not an odd kernel with 'same' padding"
+    return None
+
+
+def one_per_group_depthwise(x: torch.Tensor, conv: nn.Module, triton: bool) -> torch.Tensor:
+    """The depth-wise half of :func:`one_per_group_conv`: ``w[o, i] ⋆ x[o·p + i]`` for every input channel, i.e. a
+    depth-wise conv with the weights ``w.reshape(C_in, 1, k…)`` (ul3d's Triton kernels with ``triton``, where they
+    run; otherwise PyTorch's conv, in ``x``'s memory format)."""
+    c = conv.in_channels
+    w = conv.weight.reshape(c, 1, *conv.weight.shape[2:])
+    if triton and triton_available(x.device):
+        return depthwise_conv(x, w)
+    if is_channels_last(x):
+        w = w.contiguous(memory_format=channels_last_format(w.dim()))
+    conv_nd = F.conv3d if x.dim() == 5 else F.conv2d if x.dim() == 4 else F.conv1d
+    return conv_nd(x, w, None, 1, tuple(k // 2 for k in w.shape[2:]), 1, c)
+
+
+def group_channel_sum(y: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(B, groups·p, *S) -> (B, groups, *S)``: the sum of every ``p`` consecutive channels, as strided adds (any
+    memory layout; a sum over a size-``p`` axis of a channels-last tensor took 9.5 vs 1.2 ms on the CPU at 4×16×48³)."""
+    p = y.shape[1] // groups
+    if p == 1:
+        return y
+    out = y[:, 0::p] + y[:, 1::p]
+    for i in range(2, p):
+        out += y[:, i::p]
+    return out
+
+
+def one_per_group_conv(x: torch.Tensor, conv: nn.Module, triton: bool = True) -> torch.Tensor:
+    """``conv(x)`` for a grouped conv (stride 1, "same" zero padding) whose groups each map ``p = C_in / groups``
+    input channels to one output channel: ``y[o] = Σ_{i<p} w[o, i] ⋆ x[o·p + i] + b[o]``, computed as a depth-wise
+    conv (:func:`one_per_group_depthwise`) and a sum of each group's channels (:func:`group_channel_sum`). GAG's
+    grouped convs (Eq. 6; ``p = 2`` in the paper's networks) and the spatial attention's 2 -> 1 conv (Eq. 4, one group)
+    are such convs; cuDNN computes them with its slow generic kernel (4.7 ms of a 28 ms H200 profile of a base
+    forward at 4×96³ for the GAGs, 1.8 ms for the spatial attention)."""
+    y = group_channel_sum(one_per_group_depthwise(x, conv, triton), conv.groups)
+    if conv.bias is not None:
+        y = accumulate(y, conv.bias.reshape(1, -1, *([1] * (x.dim() - 2))), True)  # y: a fresh intermediate
+    return y
 
 
 class GlobalMaxPool(nn.Module):
@@ -102,11 +155,16 @@ class SpatialAttention(nn.Module):
         # (one per depth tap) over the depth slices plus a shifted sum (oneDNN's 3D conv to one output channel is
         # slow on the CPU: 29.5 -> 7.4 ms at 4×48³)
         self.sliced = False
+        # ``triton`` (``accelerate(triton=True)``; training and inference): the conv as a depth-wise conv in ul3d's
+        # Triton kernels plus a sum of the two channels (:func:`one_per_group_conv`), where the kernels run
+        self.triton = False
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """The attention map ``(B, 1, *S)`` of Eq. 4."""
         desc = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
         if not torch.jit.is_scripting():  # (TorchScript skips this block)
+            if self.triton and triton_available(desc.device):
+                return torch.sigmoid(one_per_group_conv(desc, self.conv))
             if self.sliced and desc.dim() == 5 and not torch.is_grad_enabled():
                 return torch.sigmoid(self._conv3d_sliced(desc))
         return torch.sigmoid(self.conv(desc))
@@ -244,52 +302,48 @@ class GAG(nn.Module):
         )
         self.act = get_act_layer(act)
         self.psi = Convolution(spatial_dims, inter, 1, kernel_size=1, bias=True, norm=norm, act="sigmoid")
-        # ``depthwise_sum`` (``accelerate(merge_pointwise=True)``, inference with autograd off, BatchNorm folded): when
-        # every group maps its input channels to one output channel, both grouped convs run as depth-wise convs whose
-        # per-group channels are then summed (oneDNN's grouped 3D conv with 2 channels per group is slow on the CPU)
+        # the grouped convs as depth-wise convs plus a sum of each group's channels (:func:`one_per_group_conv`), when
+        # every group maps its input channels to one output channel: ``triton`` (``accelerate(triton=True)``,
+        # training and inference) with ul3d's Triton kernels wherever they run; ``depthwise_sum``
+        # (``accelerate(merge_pointwise=True)``, channels-last inference with autograd off) with PyTorch's depth-wise
+        # conv (oneDNN's grouped 3D conv with 2 channels per group is slow on the CPU)
+        self.triton = False
         self.depthwise_sum = False
 
     def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # (TorchScript skips this block)
-            if self.depthwise_sum and not torch.is_grad_enabled() and self._depthwise_sum_supported(g, x):
+            if self._depthwise_path(g, x):
                 return x * self.psi(self.act(self._gates_depthwise(g, x)))
         return x * self.psi(self.act(self.gate_conv(g) + self.skip_conv(x)))
 
     @torch.jit.unused
-    def _depthwise_sum_supported(self, g: torch.Tensor, x: torch.Tensor) -> bool:
-        for block, t in ((self.gate_conv, g), (self.skip_conv, x)):
-            conv, adn = block.conv, getattr(block, "adn", None)
-            if conv.out_channels != conv.groups or conv.bias is None or conv.padding_mode != "zeros":
-                return False
-            if adn is not None and not all(isinstance(m, nn.Identity) for m in adn.children()):
-                return False  # a norm that is not folded
-            if not is_channels_last(t):
-                return False  # channels-last only (the channel sum below reads the last memory axis)
-        return self.gate_conv.conv.in_channels == self.skip_conv.conv.in_channels
+    def _depthwise_path(self, g: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether :meth:`_gates_depthwise` computes the gates of this call (see ``triton`` / ``depthwise_sum``)."""
+        if self.triton and triton_available(x.device):
+            pass
+        elif not (self.depthwise_sum and not torch.is_grad_enabled() and is_channels_last(g) and is_channels_last(x)):
+            return False
+        return all(one_per_group_unsupported(b.conv) is None for b in (self.gate_conv, self.skip_conv))
 
     @torch.jit.unused
     def _gates_depthwise(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``GC_g(g) + GC_x(x)`` (BatchNorm folded) with each group of ``p`` input channels -> 1 output channel:
-        ``Σ_{i<p} w[o, i] ⋆ in[o·p + i]``, i.e. a depth-wise conv with weights ``w.reshape(C, 1, k…)`` then a sum of
-        every ``p`` consecutive channels."""
-        total = None
-        for block, t in ((self.gate_conv, g), (self.skip_conv, x)):
-            conv = block.conv
-            c = conv.in_channels
-            w = conv.weight.reshape(c, 1, *conv.weight.shape[2:])
-            w = w.contiguous(memory_format=channels_last_format(w.dim()))
-            y = F.conv3d(t, w, None, conv.stride, conv.padding, conv.dilation, c) if t.dim() == 5 else \
-                F.conv2d(t, w, None, conv.stride, conv.padding, conv.dilation, c)
-            total = y if total is None else total.add_(y)
-        groups = self.gate_conv.conv.groups
-        last = total.movedim(1, -1)
-        p = last.shape[-1] // groups
-        # strided adds of channel i of every group, not a sum over a size-p axis (9.5 vs 1.2 ms at 4×16×48³, p=2)
-        out = last[..., 0::p] + last[..., 1::p] if p > 1 else last.clone()
-        for i in range(2, p):
-            out += last[..., i::p]
-        out = out.add_(self.gate_conv.conv.bias + self.skip_conv.conv.bias)
-        return out.movedim(-1, 1)
+        """``BN(GC_g(g)) + BN(GC_x(x))`` with each grouped conv computed by :func:`one_per_group_conv`. With both norms
+        folded (inference) and the same grouping, the two depth-wise outputs are added before one channel sum."""
+        triton = self.triton
+        blocks = ((self.gate_conv, g), (self.skip_conv, x))
+        adns = [getattr(b, "adn", None) for b, _ in blocks]
+        affine = all(adn is None or all(isinstance(m, nn.Identity) for m in adn.children()) for adn in adns)
+        gc, sc = self.gate_conv.conv, self.skip_conv.conv
+        if affine and gc.in_channels == sc.in_channels and gc.groups == sc.groups:
+            total = accumulate(one_per_group_depthwise(g, gc, triton), one_per_group_depthwise(x, sc, triton), True)
+            out = group_channel_sum(total, gc.groups)
+            bias = [c.bias for c in (gc, sc) if c.bias is not None]
+            if bias:
+                out = accumulate(out, sum(bias).reshape(1, -1, *([1] * (x.dim() - 2))), True)
+            return out
+        gate, skip = (one_per_group_conv(t, b.conv, triton) for b, t in blocks)
+        gate, skip = (y if adn is None else adn(y) for y, adn in zip((gate, skip), adns))
+        return gate + skip
 
 
 class AttentionGate(GAG):
