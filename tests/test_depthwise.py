@@ -17,6 +17,15 @@ pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="Triton is 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 references without TF32 (cuDNN's default on CUDA rounds conv inputs to 10-bit mantissas)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _reference(x, w, b):
     dims = x.dim() - 2
     return (F.conv1d, F.conv2d, F.conv3d)[dims - 1](x, w, b, 1, tuple(k // 2 for k in w.shape[2:]), 1, x.shape[1])
@@ -119,7 +128,7 @@ def test_triton_mkdc_falls_back_where_it_does_not_apply():
 
 
 @pytest.mark.parametrize("dims,channels,groups,train", [(3, 8, 4, True), (2, 6, 3, True), (2, 6, 3, False)])
-def test_triton_gag_is_the_same_function(dims, channels, groups, train):
+def test_triton_gag_is_the_same_function(dims, channels, groups, train, no_tf32):
     """GAG with its grouped convs (2 and 4 channels per group) as Triton depth-wise convs plus channel sums, with
     BatchNorm in training and eval mode: output, input and parameter gradients and running statistics."""
     from ul3d.networks.blocks import GAG
@@ -152,16 +161,21 @@ def test_triton_gag_is_the_same_function(dims, channels, groups, train):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_triton_spatial_attention_is_the_same_function(dims):
-    """The spatial attention's 2 -> 1, 7^d conv as a Triton depth-wise conv plus a channel sum: output and gradients."""
+def test_triton_spatial_attention_is_the_same_function(dims, no_tf32, monkeypatch):
+    """The spatial attention's 2 -> 1, 7^d conv as PyTorch's depth-wise conv plus a channel sum: output and gradients."""
     from ul3d.networks.blocks import SpatialAttention
 
     ref = SpatialAttention(dims).to(DEVICE)
     fast = accelerate(copy.deepcopy(ref), triton=True)
-    assert fast.triton
+    assert fast.depthwise
+    from ul3d.networks.blocks import attention
+
+    calls, conv = [], attention.one_per_group_conv
+    monkeypatch.setattr(attention, "one_per_group_conv", lambda *a, **k: calls.append(1) or conv(*a, **k))
     x = torch.randn((2, 4) + (7,) * dims, device=DEVICE)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     a, b = ref(x1), fast(x2)
+    assert calls == [1]
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     a.square().sum().backward()
     b.square().sum().backward()

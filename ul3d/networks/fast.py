@@ -57,8 +57,9 @@ def accelerate(
         triton: every MKDC computes its depth-wise convs with ul3d's Triton kernels (:mod:`ul3d.networks.depthwise`)
             wherever they are available (CUDA tensors with Triton installed), and keeps its norm/activation modules;
             elsewhere (CPU, TorchScript, export) the plain modules run. Takes precedence over ``fused_mkdc``. Every GAG's
-            grouped convs and every spatial-attention conv run as Triton depth-wise convs plus channel sums there too
-            (:func:`~ul3d.networks.blocks.attention.one_per_group_conv`).
+            grouped convs run as Triton depth-wise convs plus channel sums there too, and every spatial-attention conv
+            as PyTorch's depth-wise conv plus a channel sum
+            (:func:`~ul3d.networks.blocks.attention.one_per_group_conv`; cuDNN's generic kernel is slow on both).
         pointwise_matmul: every MKIR computes its 1×1 convs (expand, project, shortcut) as matrix products over the
             flattened volume (cuBLAS instead of cuDNN's channels-first 3D kernels).
         outer_product: every MKIR with a one-channel input computes its 1×1 expand and shortcut convs as broadcast
@@ -97,7 +98,7 @@ def accelerate(
             m.triton = bool(triton)
         if isinstance(m, SpatialAttention):
             m.sliced = bool(merge_pointwise)
-            m.triton = bool(triton)
+            m.depthwise = bool(triton)
         if inplace and isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             m.inplace = True
         if isinstance(m, (MKDC, MKIR, DecoderStage)):
