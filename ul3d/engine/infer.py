@@ -34,10 +34,10 @@ __all__ = ["PATHS", "PredictionReport", "Predictor", "find_images", "group_cases
 CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")
 
 # Execution paths of Predictor (issue 7). "auto" picks the fastest measured one for the device (benchmarks/README.md):
-# CUDA: bf16 autocast with the plain modules (the fused MKDC and channels-last measured slower on an H100); CPU:
-# channels-last memory with BatchNorm folded into the convs ("channels_last"). "fused": fused MKDC; "onnxruntime": the
-# fused network exported to ONNX Runtime (CPU); "compile": fused + torch.compile; "cuda_graph": CUDA, bf16 with
-# BatchNorm folded, each window batch replayed as a CUDA graph. "plain": fp32 modules as trained.
+# CUDA: "cuda_graph" (the fused MKDC and channels-last measured slower on an H100); CPU: channels-last memory with
+# BatchNorm folded into the convs ("channels_last"). "fused": fused MKDC; "onnxruntime": the fused network exported to
+# ONNX Runtime (CPU); "compile": fused + torch.compile; "cuda_graph": CUDA, bf16 with BatchNorm folded and ul3d's
+# Triton depth-wise convs, each window batch replayed as a CUDA graph. "plain": fp32 modules as trained.
 PATHS = ("auto", "plain", "fused", "channels_last", "onnxruntime", "compile", "cuda_graph")
 
 
@@ -180,6 +180,7 @@ class Predictor:
 
     def _select_path(self, path: str) -> str:
         """Set up the execution path; returns its description ("cuda bf16 + fused MKDC", "cpu onnxruntime", ...)."""
+        from ..networks.depthwise import triton_available
         from ..networks.fast import CUDAGraphInference, accelerate, fused_mkdc_count
 
         if path not in PATHS:
@@ -191,14 +192,15 @@ class Predictor:
             return f"{self.device.type} fp32 plain"
         if path == "onnxruntime" and cuda:
             raise ValueError("path 'onnxruntime' runs on the CPU only; use --device cpu")
-        if path == "cuda_graph":
-            if not cuda:
-                raise ValueError("path 'cuda_graph' needs a CUDA device; use --device cuda or another path")
-            self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True) for n in self.networks]
+        if path == "cuda_graph" and not cuda:
+            raise ValueError("path 'cuda_graph' needs a CUDA device; use --device cuda or another path")
+        if path in ("auto", "cuda_graph") and cuda:
+            # H200, base, 256×256×128 at overlap 0.5: 0.249 s plain bf16, 0.107 s this way (MONAI UNet 0.071 s;
+            # benchmarks/results/levers_cuda_h200_onepergroup_2026-11-23.json)
+            self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, triton=True) for n in self.networks]
             self.predictors = [CUDAGraphInference(n) for n in self.networks]
-            return "cuda bf16 + folded BatchNorm + CUDA graphs"
-        if path == "auto" and cuda:  # the fused MKDC does not pay on the GPU (benchmarks/README.md): bf16 only
-            return "cuda bf16"
+            kernels = " + Triton depth-wise convs" if triton_available(self.device) else ""
+            return f"cuda bf16 + folded BatchNorm{kernels} + CUDA graphs"
         if path in ("auto", "channels_last"):  # CPU: oneDNN's channels-last depth-wise convs + BatchNorm folded, and
             # one-channel 1×1 convs as broadcast multiplies, in-place activations and sums (2-core CPU, base sliding
             # window 3.8-4.2 s -> 2.6-2.8 s, benchmarks/results/levers_cpu_2core_inplace_*.json)
