@@ -321,9 +321,8 @@ class GAG(nn.Module):
     @torch.jit.unused
     def _depthwise_path(self, g: torch.Tensor, x: torch.Tensor) -> bool:
         """Whether :meth:`_gates_depthwise` computes the gates of this call (see ``triton`` / ``depthwise_sum``)."""
-        if self.triton and triton_available(x.device):
-            pass
-        elif not (self.depthwise_sum and not torch.is_grad_enabled() and is_channels_last(g) and is_channels_last(x)):
+        merged = self.depthwise_sum and not torch.is_grad_enabled() and is_channels_last(g) and is_channels_last(x)
+        if not (merged or (self.triton and triton_available(x.device))):
             return False
         return all(one_per_group_unsupported(b.conv) is None for b in (self.gate_conv, self.skip_conv))
 
