@@ -171,13 +171,15 @@ def _backward(ctx, grad):
 _depthwise_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, triton: bool = True
+                   ) -> torch.Tensor:
     """Depth-wise convolution, stride 1, zero "same" padding: ``F.conv{N}d(x, weight, bias, padding=k//2, groups=C)``.
 
     Args:
         x: ``(B, C, *S)`` with 1–3 spatial dimensions.
         weight: ``(C, 1, *k)``, odd kernel sizes.
         bias: optional ``(C,)``.
+        triton: False computes it with ``F.conv{N}d`` on every device.
 
     Under autocast the convolution runs in the autocast dtype, as PyTorch's convolutions do; the Triton kernels
     accumulate in float32. Inputs in other dtypes (float64), kernels wider than :data:`MAX_KERNEL_W` and devices
@@ -189,7 +191,7 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             or any(k % 2 == 0 for k in kernel):
         raise ValueError(f"depthwise_conv: input {tuple(x.shape)} and weight {tuple(weight.shape)} are not a "
                          "depth-wise convolution with odd kernel sizes")
-    if not triton_available(x.device) or kernel[-1] > MAX_KERNEL_W \
+    if not triton or not triton_available(x.device) or kernel[-1] > MAX_KERNEL_W \
             or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         return conv(x, weight, bias, 1, tuple(k // 2 for k in kernel), 1, x.shape[1])

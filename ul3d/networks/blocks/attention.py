@@ -45,14 +45,10 @@ def one_per_group_depthwise(x: torch.Tensor, conv: nn.Module, triton: bool) -> t
     """The depth-wise half of :func:`one_per_group_conv`: ``w[o, i] ⋆ x[o·p + i]`` for every input channel, i.e. a
     depth-wise conv with the weights ``w.reshape(C_in, 1, k…)`` (ul3d's Triton kernels with ``triton``, where they
     run; otherwise PyTorch's conv, in ``x``'s memory format)."""
-    c = conv.in_channels
-    w = conv.weight.reshape(c, 1, *conv.weight.shape[2:])
-    if triton and triton_available(x.device):
-        return depthwise_conv(x, w)
+    w = conv.weight.reshape(conv.in_channels, 1, *conv.weight.shape[2:])
     if is_channels_last(x):
         w = w.contiguous(memory_format=channels_last_format(w.dim()))
-    conv_nd = F.conv3d if x.dim() == 5 else F.conv2d if x.dim() == 4 else F.conv1d
-    return conv_nd(x, w, None, 1, tuple(k // 2 for k in w.shape[2:]), 1, c)
+    return depthwise_conv(x, w, triton=triton)
 
 
 def group_channel_sum(y: torch.Tensor, groups: int) -> torch.Tensor:
