@@ -273,6 +273,10 @@ def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape,
         predictor = _OrtPredictor(net, torch.get_num_threads())
     elif mode:
         predictor = _padded(torch.compile(net, mode=mode), 4)
+        if "graph" in toks:  # the compiled forward (inductor's fused kernels) replayed as CUDA graphs
+            from ul3d.networks.fast import CUDAGraphInference
+
+            predictor = CUDAGraphInference(predictor)
     elif "graph" in toks:
         from ul3d.networks.fast import CUDAGraphInference
 

@@ -575,3 +575,69 @@ def test_gag_depthwise_sum_is_the_same_function(dims, channels, groups):
         assert not fast._depthwise_path(g, x)  # channels-first: the grouped convs (measured only channels-last)
         out = fast(g.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt))
         torch.testing.assert_close(out, gag(g, x), rtol=1e-5, atol=1e-5)
+
+
+def _train_steps(net, shape, steps=2):
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        net(torch.randn(shape) * 2 + 1).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_inference_copy_follows_the_live_network_in_place(dims):
+    """After each refresh the folded copy computes the live network's eval function (new weights and running
+    statistics), in the same tensors (graphs captured earlier read them); the live network is untouched."""
+    from ul3d.networks.fast import InferenceCopy
+
+    shape = (2, 1) + (32,) * dims
+    live = get_network("ultralightunet", "T", spatial_dims=dims, in_channels=1, out_channels=3)
+    _train_steps(live, shape)
+    copy_ = InferenceCopy(live, fused_mkdc=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in copy_.modules())
+    # the live network is not a submodule: the copy's parameters are the folded network's alone
+    assert {k for k, _ in copy_.named_parameters()} == {f"net.{k}" for k, _ in copy_.net.named_parameters()}
+    ptrs = [t.data_ptr() for t in copy_.state_dict().values()]
+    x = torch.randn(shape)
+    with torch.no_grad():
+        before = copy_.eval()(x)
+        torch.testing.assert_close(before, live.eval()(x), rtol=1e-4, atol=1e-4)
+    _train_steps(live, shape)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), before, rtol=0, atol=0)  # no refresh: the old weights
+        ref = live.eval()(x)
+        assert (ref - before).abs().max() > 1e-3  # training changed the function
+        copy_.refresh()
+        torch.testing.assert_close(copy_(x), ref, rtol=1e-4, atol=1e-4)
+    assert [t.data_ptr() for t in copy_.state_dict().values()] == ptrs
+    assert live.training is False and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in live.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inference_copy_graphs_replay_the_refreshed_weights():
+    from ul3d.networks.fast import InferenceCopy
+
+    shape = (2, 1, 32, 32, 32)
+    live = get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3).cuda()
+    opt = torch.optim.SGD(live.parameters(), lr=0.1)
+
+    def steps():
+        live.train()
+        for _ in range(2):
+            opt.zero_grad()
+            live(torch.randn(shape, device="cuda")).square().mean().backward()
+            opt.step()
+
+    steps()
+    copy_ = InferenceCopy(live, fused_mkdc=False, triton=True).eval()
+    x = torch.randn(4, 1, 32, 32, 32, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), live.eval()(x), rtol=1e-3, atol=1e-3)
+        assert len(copy_.graphs.graphs) == 1
+    steps()
+    with torch.no_grad():
+        copy_.refresh()
+        torch.testing.assert_close(copy_(x), live.eval()(x), rtol=1e-3, atol=1e-3)
+        assert len(copy_.graphs.graphs) == 1  # the same graph, replayed with the new weights

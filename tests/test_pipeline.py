@@ -366,3 +366,32 @@ def test_train_with_activation_checkpointing_from_the_config(tmp_path):
     net = network_from_spec(ckpt["network_spec"])
     assert net.use_checkpoint
     net.load_state_dict(ckpt["network"])
+
+
+def test_training_patches_without_metadata_are_the_same(tmp_path):
+    """ul3d train augments with MONAI's MetaTensor tracking off (faster): the same patches as with it on, and the
+    process-wide switch is back on afterwards, also when a transform raises."""
+    from monai.data import get_track_meta
+
+    from ul3d.data.transforms import metadata_tracking
+    from ul3d.engine.train import _sample_seed, build_train_loader, split_cases
+
+    data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=3)
+    cfg = load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]"])
+    spec = load_dataset(data)
+    items, _ = split_cases(spec, cfg)
+    ds = build_train_loader(cfg, items, 3, spec.label_map, torch.device("cpu"), 0, 8).dataset
+    for i in range(6):
+        patches = ds[i]
+        assert get_track_meta()
+        ds.transform.set_random_state(seed=_sample_seed(ds.seed, i))
+        tracked = ds.transform(ds.base[ds.case_index(i)])  # metadata on (MONAI's default)
+        assert len(patches) == len(tracked) == 2
+        for p, t in zip(patches, tracked):
+            for key in ("image", "label"):
+                assert type(p[key]) is torch.Tensor
+                assert torch.equal(p[key], torch.as_tensor(t[key])), (i, key)
+    with pytest.raises(RuntimeError, match="boom"), metadata_tracking(False):
+        assert not get_track_meta()
+        raise RuntimeError("boom")
+    assert get_track_meta()

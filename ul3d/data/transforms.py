@@ -14,18 +14,37 @@ one definition. ``refs`` lets a bundle put a reference such as ``"@roi_size"`` w
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from monai import transforms as T
 from monai.bundle import ConfigParser
+from monai.data import get_track_meta, set_track_meta
 
 from ..config import get
 
-__all__ = ["preprocessing", "train_augmentation", "preprocessing_spec", "train_augmentation_spec", "compose"]
+__all__ = ["metadata_tracking", "preprocessing", "train_augmentation", "preprocessing_spec", "train_augmentation_spec", "compose"]
 
 #: the reader every pipeline loads with: NIfTI through nibabel, NRRD/MetaImage through SimpleITK
 READER = "$ul3d.data.io.monai_reader()"
+
+
+@contextmanager
+def metadata_tracking(on: bool) -> Iterator[None]:
+    """MONAI's MetaTensor tracking (``monai.data.set_track_meta``) switched ``on``/off inside the block, then restored.
+
+    Training patches need no metadata once the volumes are preprocessed; without it MONAI's crops and affine
+    augmentation skip their affine bookkeeping (small matrix products, copies and, for volumes cached on the GPU,
+    host-device round trips) and give the same arrays as plain tensors. MONAI keeps the switch in one process-wide
+    variable: code running in another thread meanwhile sees it too (only the types of its outputs change).
+    """
+    previous = get_track_meta()
+    set_track_meta(on)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
 
 
 def compose(spec: Sequence[Mapping[str, Any]]) -> T.Compose:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import (
@@ -38,9 +39,10 @@ from torch.utils.data import Dataset, Sampler
 from .. import __version__
 from ..config import ConfigError, get
 from ..data.datasets import DatasetSpec, cached_bytes, load_dataset
-from ..data.transforms import preprocessing, train_augmentation
+from ..data.transforms import metadata_tracking, preprocessing, train_augmentation
 from ..data.validation import validate_dataset
 from ..networks import build_network
+from ..networks.fast import InferenceCopy, accelerate
 from ..utils import atomic_path
 from .graphed import CUDAGraphStep, conform_optimizer
 
@@ -75,9 +77,12 @@ class IterationDataset(Dataset):
         return int(self._perm_cache[1][i % n])
 
     def __getitem__(self, i: int):
-        item = self.base[self.case_index(i)]
+        item = self.base[self.case_index(i)]  # preprocessed with its metadata (geometry)
         self.transform.set_random_state(seed=_sample_seed(self.seed, i))
-        return self.transform(item)
+        # patches need no metadata: without MetaTensor tracking the crops and affine augmentation skip their affine
+        # bookkeeping (the same patches; ul3d train's GPU loader 13 -> ms per batch, issue 7)
+        with metadata_tracking(False):
+            return self.transform(item)
 
 
 class SideStreamData:
@@ -90,9 +95,12 @@ class SideStreamData:
     memory is not reused before the training step has read it.
     """
 
+    #: CUDA stream priority of the data stream (lower is higher priority; 0 is the default streams' priority)
+    PRIORITY = 0
+
     def __init__(self, dataset: Dataset, device: torch.device) -> None:
         self.dataset = dataset
-        self.stream = torch.cuda.Stream(device)
+        self.stream = torch.cuda.Stream(device, priority=self.PRIORITY)
         self.consumer = torch.cuda.default_stream(device)
 
     def __len__(self) -> int:
@@ -391,8 +399,6 @@ def train(
     kernels = _use_kernels(get(config, "train.kernels", "auto"), dev, graphed)
     mode = _compile_mode(get(config, "train.compile_mode", "default"))
     if kernels:  # same parameters and function; the evaluator and the checkpoints see the same module
-        from ..networks.fast import accelerate
-
         accelerate(network, fused_mkdc=False, triton=True, pointwise_matmul=True)
     opt_cfg = dict(get(config, "train.optimizer") or {})
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(opt_cfg.get("lr", 1e-3)),
@@ -422,10 +428,12 @@ def train(
         val_ds = CacheDataset(val_items, preprocessing(config, label_map=label_map), cache_rate=cache_rate,
                               num_workers=max(1, workers), progress=False)
         k = len(classes)
+        # with CUDA-graph training, validation too replays CUDA graphs, of a BatchNorm-folded copy refreshed in place
+        val_net = InferenceCopy(network, fused_mkdc=False, triton=kernels) if graphed else network
         evaluator = SupervisedEvaluator(
             device=dev,
             val_data_loader=DataLoader(val_ds, batch_size=1, num_workers=0),
-            network=network,
+            network=val_net,
             inferer=SlidingWindowInferer(
                 roi_size=get(config, "infer.roi_size") or roi, sw_batch_size=int(get(config, "infer.sw_batch_size", 4)),
                 overlap=float(get(config, "infer.overlap", 0.5)), mode=get(config, "infer.mode", "gaussian"),
@@ -436,6 +444,8 @@ def train(
                                                            output_transform=from_engine(["pred", "label"]))},
             amp=use_amp,
         )
+        if isinstance(val_net, InferenceCopy):
+            evaluator.add_event_handler(Events.STARTED, lambda _: val_net.refresh())
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -462,11 +472,15 @@ def train(
     TensorBoardStatsHandler(summary_writer=writer, iteration_log=10, epoch_log=False, tag_name="train/loss",
                             output_transform=lambda o: o["loss"].item()).attach(trainer)
 
-    from ignite.engine import Events
-
     @trainer.on(Events.ITERATION_COMPLETED(every=10))
     def _log_lr(engine):
         writer.add_scalar("train/lr", float(optimizer.param_groups[0]["lr"]), engine.state.iteration)
+
+    # time the trainer waits for its next batch (data-bound runs show it: the loader cannot keep up with the step)
+    waited = {"s": 0.0, "t": 0.0}
+    trainer.add_event_handler(Events.GET_BATCH_STARTED, lambda _: waited.update(t=time.perf_counter()))
+    trainer.add_event_handler(Events.GET_BATCH_COMPLETED,
+                              lambda _: waited.update(s=waited["s"] + time.perf_counter() - waited["t"]))
 
     if evaluator is not None:
         ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
@@ -475,7 +489,9 @@ def train(
     def _validate_and_checkpoint(engine):
         it = engine.state.iteration
         record = {"iteration": it, "loss": engine.state.output["loss"].item(), "seconds": round(time.time() - t0, 1),
-                  "train_seconds": round(engine.state.times.get("EPOCH_COMPLETED") or 0.0, 2)}  # this interval's steps
+                  "train_seconds": round(engine.state.times.get("EPOCH_COMPLETED") or 0.0, 2),  # this interval's steps
+                  "data_wait_seconds": round(waited["s"], 2)}  # of which waiting for batches
+        waited["s"] = 0.0
         if evaluator is not None:
             record["val_seconds"] = round(evaluator.state.times.get("COMPLETED") or 0.0, 2)
             mean = float(evaluator.state.metrics["val_mean_dice"])

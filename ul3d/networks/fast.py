@@ -21,7 +21,7 @@ from torch import nn
 
 from .blocks.multikernel import channels_last_format, is_channels_last
 
-__all__ = ["CUDAGraphInference", "accelerate", "fold_batchnorm", "fused_mkdc_count", "plain"]
+__all__ = ["CUDAGraphInference", "InferenceCopy", "accelerate", "fold_batchnorm", "fused_mkdc_count", "plain"]
 
 
 def accelerate(
@@ -214,7 +214,44 @@ class CUDAGraphInference:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         # autocast's cache of cast weights must stay out of the graph (its tensors are freed when autocast exits)
+        # thread_local: another thread may use the GPU meanwhile (ul3d train's data thread during validation)
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
-                            cache_enabled=False), torch.cuda.graph(graph, pool=self.pool):
+                            cache_enabled=False), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             static_out = self.net(static_in)
         return static_in, graph, static_out
+
+
+class InferenceCopy(nn.Module):
+    """An inference copy of a network that is being trained: BatchNorm folded, the fast paths of :func:`accelerate`,
+    and on CUDA the forward replayed as CUDA graphs (:class:`CUDAGraphInference`).
+
+    :meth:`refresh` folds the live network's current parameters and running statistics again and writes the result
+    into the copy's own tensors in place, so the graphs captured at the first validation stay valid for every later one
+    (a fresh copy per validation would capture them again). ``ul3d train`` validates through one of these when it
+    trains with CUDA graphs. The live network is not a submodule: ``state_dict()`` and ``parameters()`` are the copy's.
+
+    Args:
+        live: the network in training (not modified).
+        graphs: replay the forward as CUDA graphs on CUDA inputs (elsewhere the copy runs eagerly).
+        fast: :func:`accelerate` options of the copy besides ``fold_bn`` (e.g. ``triton=True, fused_mkdc=False``).
+    """
+
+    def __init__(self, live: nn.Module, graphs: bool = True, **fast) -> None:
+        super().__init__()
+        self._live = [live]  # a list: not registered as a submodule
+        self._fast = dict(fast, fold_bn=True)
+        self.net = accelerate(live, **self._fast)
+        self.graphs = CUDAGraphInference(self.net) if graphs else None
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the live network's current weights, folded, into this copy (same tensors: graphs stay valid)."""
+        fresh = accelerate(self._live[0], **self._fast).state_dict()
+        mine = self.net.state_dict(keep_vars=True)
+        if list(fresh) != list(mine):
+            raise RuntimeError("InferenceCopy.refresh: the live network's structure changed since the copy was made")
+        for key, dst in mine.items():
+            dst.copy_(fresh[key])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graphs(x) if self.graphs is not None else self.net(x)
