@@ -641,3 +641,34 @@ def test_inference_copy_graphs_replay_the_refreshed_weights():
         copy_.refresh()
         torch.testing.assert_close(copy_(x), live.eval()(x), rtol=1e-3, atol=1e-3)
         assert len(copy_.graphs.graphs) == 1  # the same graph, replayed with the new weights
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_packed_stem_is_the_same_function(dims, monkeypatch):
+    """CPU inference: the one-channel stem packs the batch's samples as the channels of one tensor for its depth-wise
+    convs (oneDNN fills a vector of channels per voxel) when all samples' hidden channels fit PACK_LANES; the network
+    gives the plain network's output, and the unpacked merged path's, for batches that pack and batches that do not."""
+    from ul3d.networks.blocks import MKIR
+
+    net = _with_statistics(get_network("ultralightunet", "base", spatial_dims=dims, in_channels=1, out_channels=3,
+                                       init="default"), (2, 1) + (32,) * dims)
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    fast = accelerate(net, fold_bn=True, channels_last=True, outer_product=True, fused_mkdc=False, inplace=True,
+                      merge_pointwise=True)
+    packed = MKIR._packed_stem
+    calls = []
+    monkeypatch.setattr(MKIR, "_packed_stem", lambda self, x: calls.append(x.shape[0]) or packed(self, x))
+    for n, packs in ((1, False), (3, True), (8, True), (9, False)):  # 2 hidden channels: 9 samples need 18 lanes
+        x = torch.randn((n, 1) + (32,) * dims).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            ref = net(x)
+            out = fast(x)
+            monkeypatch.setattr(MKIR, "PACK_LANES", 0)
+            unpacked = fast(x)
+            monkeypatch.setattr(MKIR, "PACK_LANES", 16)
+        assert calls == ([n] if packs else []), n
+        assert ref.abs().max() > 1e-2 and (ref - out).abs().max() <= 1e-4
+        torch.testing.assert_close(out, unpacked, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # the stem's output stays channels-last for the next layers
+            assert fast.encoder[0].block(x).is_contiguous(memory_format=fmt)
+        calls.clear()
