@@ -672,3 +672,31 @@ def test_packed_stem_is_the_same_function(dims, monkeypatch):
         with torch.no_grad():  # the stem's output stays channels-last for the next layers
             assert fast.encoder[0].block(x).is_contiguous(memory_format=fmt)
         calls.clear()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("act", ["relu6", "relu", None])
+def test_conv_act_post_op_is_the_same_function(dims, act, monkeypatch):
+    """conv_act: oneDNN's conv with the activation as a post-op for channels-last float32 CPU inference, the conv then
+    the activation module otherwise; the same values either way (depth-wise and dense convs)."""
+    from monai.networks.blocks import Convolution
+
+    import ul3d.networks.blocks.multikernel as mk
+
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    taken = []
+    available = mk._onednn_conv_act_available
+    monkeypatch.setattr(mk, "_onednn_conv_act_available", lambda: taken.append(1) or available())
+    for groups, k in ((8, 5), (8, 1), (1, 1), (1, 3)):
+        block = Convolution(dims, 8, 8, kernel_size=k, groups=groups, bias=True, norm=None, act=act).eval()
+        x = torch.randn((2, 8) + (12,) * dims) * 3
+        with torch.no_grad():
+            ref = block(x)
+            for layout, fast in ((x.contiguous(memory_format=fmt), True), (x, False)):
+                taken.clear()
+                out = mk.conv_act(layout, block.conv, getattr(block, "adn", None))
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+                assert bool(taken) == (fast and torch.backends.mkldnn.is_available()), (groups, k, fast)
+        taken.clear()
+        y = mk.conv_act(x.contiguous(memory_format=fmt).requires_grad_(), block.conv, getattr(block, "adn", None))
+        assert not taken and y.requires_grad  # autograd on: the plain conv and activation

@@ -89,6 +89,7 @@ def accelerate(
             m.fused_recompute = bool(recompute)
             m.float32 = bool(mkdc_float32)
             m.triton = bool(triton)
+            m.conv_act = bool(merge_pointwise)
         if isinstance(m, MKIR):
             m.pointwise_matmul = bool(pointwise_matmul)
             m.outer_product = bool(outer_product)
