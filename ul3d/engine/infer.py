@@ -206,7 +206,9 @@ class Predictor:
             # window 3.8-4.2 s -> 2.6-2.8 s, benchmarks/results/levers_cpu_2core_inplace_*.json)
             # and the MKDC shuffles folded into the project convs, the stem's project + shortcut as one product and the
             # GAGs' grouped convs as depth-wise convs, the 3D spatial-attention conv over depth slices (merge_pointwise;
-            # forward of 4 base windows 0.60 -> 0.47 s)
+            # forward of 4 base windows 0.60 -> 0.47 s), the stem's batch packed as channels for its depth-wise convs and
+            # the activations as oneDNN post-ops (0.415 -> 0.342 s; sliding window 1.00-1.06x MONAI UNet,
+            # benchmarks/results/levers_cpu_2core_keepmem_convact_run*_2026-12-01.json)
             self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, channels_last=True, outer_product=True,
                                         inplace=True, merge_pointwise=True) for n in self.networks]
             self.predictors = list(self.networks)
