@@ -50,6 +50,9 @@ def test_train_predict_evaluate_every_layout(layout, tmp_path, capsys):
     spec = load_dataset(root, **({"protocol": "8organ"} if layout == "btcv" else {}))
     assert ckpt["class_names"] == spec.class_names and ckpt["iteration"] == 2
     assert (run / "checkpoints" / "best.pt").exists() and (run / "history.json").exists()
+    # every interval's record says how long training took and how much of it went to waiting for batches
+    record = json.loads((run / "history.json").read_text())[-1]
+    assert 0 <= record["data_wait_seconds"] <= record["train_seconds"] + 0.01 and record["train_seconds"] > 0
     assert list((run / "tensorboard").iterdir())
 
     # predict two labelled cases (nnU-Net: one file per channel) and check the geometry of every output
