@@ -38,8 +38,6 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides for every run")
     p.add_argument("--loader-only", type=int, default=0, metavar="N",
                    help="instead of training, time N batches of ul3d train's loader for each run (data pipeline alone)")
-    p.add_argument("--stream-priority", type=int, default=None,
-                   help="CUDA priority of the GPU data stream (SideStreamData.PRIORITY; -1 is high on NVIDIA GPUs)")
     p.add_argument("--switch-interval", type=float, default=None, metavar="S",
                    help="Python's thread switch interval (sys.setswitchinterval; default 0.005 s) during the runs")
     p.add_argument("--data", default=None, help="dataset folder: reused when it exists, else the synthetic set is "
@@ -49,14 +47,12 @@ def main() -> None:
 
     from ul3d.config import load_config
     from ul3d.data.synth import write_synthetic
-    from ul3d.engine.train import SideStreamData, train
+    from ul3d.engine.train import train
 
     if a.switch_interval is not None:
         import sys
 
         sys.setswitchinterval(a.switch_interval)
-    if a.stream_priority is not None:
-        SideStreamData.PRIORITY = a.stream_priority
 
     written = sorted(Path(a.data).glob("*/dataset.json")) if a.data else []
     if written:  # written by an earlier run

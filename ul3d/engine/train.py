@@ -95,12 +95,9 @@ class SideStreamData:
     memory is not reused before the training step has read it.
     """
 
-    #: CUDA stream priority of the data stream (lower is higher priority; 0 is the default streams' priority)
-    PRIORITY = 0
-
     def __init__(self, dataset: Dataset, device: torch.device) -> None:
         self.dataset = dataset
-        self.stream = torch.cuda.Stream(device, priority=self.PRIORITY)
+        self.stream = torch.cuda.Stream(device)
         self.consumer = torch.cuda.default_stream(device)
 
     def __len__(self) -> int:

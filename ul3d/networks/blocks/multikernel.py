@@ -269,7 +269,7 @@ class MKDC(nn.Module):
                 return "not a depth-wise conv"
             if conv.stride != (1,) * len(conv.stride) or conv.dilation != (1,) * len(conv.dilation):
                 return "strided or dilated"
-            if adn is not None and any(not isinstance(m, (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh)) for m in adn.children()):
+            if _activation_attr(adn) is None:
                 return "a norm after the conv (fold BatchNorm first)"
         return None
 
@@ -616,11 +616,9 @@ class MKIR(nn.Module):
         """Whether :meth:`_packed_stem` applies: a CPU batch of several samples whose hidden channels, all samples
         together, fit one vector, an expand conv with its norm folded, and an MKDC :meth:`MKDC.packed_branch_sum` takes."""
         hidden, n = self.mkdc.branches[0].conv.in_channels, x.shape[0]
-        expand_adn = getattr(self.expand, "adn", None)
         return (x.device.type == "cpu" and n > 1 and hidden * n <= self.PACK_LANES and hidden < self.PACK_LANES // 2
                 and self.mkdc.packed_unsupported() is None
-                and (expand_adn is None or all(isinstance(m, (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh))
-                                               for m in expand_adn.children())))
+                and _activation_attr(getattr(self.expand, "adn", None)) is not None)
 
     @torch.jit.unused
     def _packed_stem(self, x: torch.Tensor) -> torch.Tensor:
