@@ -17,7 +17,9 @@ convs as ul3d's Triton kernels (``ul3d.networks.depthwise``); ``pwmm`` MKIR 1×1
 ``graph`` the sliding window's forward replayed as CUDA graphs (``ul3d.networks.fast.CUDAGraphInference``; inference
 only, no training row); ``ckpt`` activation checkpointing of every stage (``use_checkpoint=True``; training);
 ``merge`` inference: shuffles folded into the project convs, the stem's project + shortcut as one product, GAGs'
-grouped convs as depth-wise convs (``accelerate(merge_pointwise=True)``); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
+grouped convs as depth-wise convs (``accelerate(merge_pointwise=True)``); ``stepgraph`` the whole training step
+(forward, loss, backward, capturable AdamW) captured once and replayed as one CUDA graph, as ``ul3d train`` with
+``train.cuda_graph`` does (training; the sliding window is the lever without it); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
 network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
@@ -55,9 +57,11 @@ GPU_LEVERS_OPTIONAL = ["pad1", "maxautotune", "fused+maxautotune"]
 CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldbn", "threads1", "fused+threads1",
               "compile", "fused+compile", "ort", "fused+ort"]
 UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cudagraphs", "bf16", "cl+bf16", "cl+foldbn",
-               "cl+foldbn+bf16", "graph", "foldbn+graph", "membudget+compile", "membudget+cudagraphs"]  # levers that apply to MONAI's UNet (no MKDC)
+               "cl+foldbn+bf16", "graph", "foldbn+graph", "membudget+compile", "membudget+cudagraphs",
+               "stepgraph", "compile+stepgraph"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
-          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget", "merge"}
+          "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget", "merge",
+          "stepgraph"}
 INFERENCE_ONLY = {"ort", "graph"}  # levers with no training row
 MEMORY_BUDGET = 0.5  # ``membudget``: torch._functorch.config.activation_memory_budget
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
@@ -94,7 +98,7 @@ def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
 
 
 def make_step(net: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, forward=None, prepare=None,
-              before=None):
+              before=None, graphed: bool = False):
     """One AdamW + DiceCELoss training step at batch 2, 96³, 3 classes (autocast to ``dtype`` when given).
 
     ``forward``: the callable run on the batch (default ``net``, e.g. a compiled ``net``); ``prepare``: applied to the
@@ -102,7 +106,7 @@ def make_step(net: torch.nn.Module, device: torch.device, dtype: torch.dtype | N
     from monai.losses import DiceCELoss
 
     forward = net if forward is None else forward  # not `or`: a compiled module has no truth value
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, capturable=graphed)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     x = torch.randn(2, 1, *ROI, device=device)
     x = prepare(x) if prepare else x
@@ -117,7 +121,22 @@ def make_step(net: torch.nn.Module, device: torch.device, dtype: torch.dtype | N
         loss.backward()
         opt.step()
 
-    return step
+    if not graphed:
+        return step
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False), \
+            torch.cuda.graph(graph):
+        loss = loss_fn(forward(x), y)
+        loss.backward()
+        opt.step()
+    return graph.replay
 
 
 def train_step(spec: str, device: torch.device, dtype: torch.dtype | None, iters: int) -> tuple[float, float]:
@@ -206,7 +225,8 @@ def lever_train(spec: str, device: torch.device, toks: set[str], iters: int) -> 
     cuda = device.type == "cuda"
     step = make_step(net, device, torch.bfloat16 if cuda else None,
                      forward=torch.compile(net, mode=mode) if mode else net, prepare=lambda x: _fmt(x, toks),
-                     before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None)
+                     before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None,
+                     graphed=cuda and "stepgraph" in toks)
 
     t0 = time.perf_counter()
     if "membudget" in toks:  # read when the backward graph is partitioned, i.e. in the first step
@@ -365,7 +385,7 @@ def run_levers(args, device: torch.device, name: str) -> None:
                         row["min_gb"] = act * 2 / 1e9  # written in forward + read in backward
                         if bw:
                             row["bw_frac"] = row["min_gb"] * 1e9 / (row["train_ms"] / 1e3) / bw
-                if not (args.quick and cuda and compiled and "cudagraphs" in toks):
+                if not (args.quick and cuda and compiled and "cudagraphs" in toks) and "stepgraph" not in toks:
                     row.update(lever_sliding_window(spec, device, toks, shape, overlap, sw_iters))
             except Exception as e:  # noqa: BLE001 - a lever that fails is reported, the run goes on
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"

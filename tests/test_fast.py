@@ -375,9 +375,10 @@ def test_channels_last_stays_channels_last_through_shuffle_and_outer_product(dim
 
 @pytest.mark.parametrize("dims,norm", [(3, "batch"), (2, "batch"), (2, "instance")])
 def test_use_checkpoint_is_the_same_function_with_less_saved_memory(dims, norm):
-    """``use_checkpoint`` (activation checkpointing of every stage): the same outputs, gradients and BatchNorm running
-    statistics as the plain network over two steps in float64, far fewer bytes kept for backward, and the eval
-    network still scripts."""
+    """``use_checkpoint`` (activation checkpointing of every stage, the stem's project + BatchNorm + shortcut merged,
+    the last stage slab by slab, max-pooling keeping only indices): the same outputs, gradients and BatchNorm running
+    statistics as the plain network over two steps in float64 (up to rounding: the merged stem computes its batch
+    statistics in another order), far fewer bytes kept for backward, and the eval network still scripts."""
     import copy
 
     torch.manual_seed(0)
@@ -399,14 +400,15 @@ def test_use_checkpoint_is_the_same_function_with_less_saved_memory(dims, norm):
 
     for _ in range(2):
         (a, ref_bytes), (b, ckpt_bytes) = saved_bytes(ref), saved_bytes(ckpt)
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10)
         (a.square().mean()).backward()
         (b.square().mean()).backward()
     assert ckpt_bytes < 0.3 * ref_bytes, (ckpt_bytes, ref_bytes)
     for (name, p), q in zip(ref.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
     for (name, p), q in zip(ref.named_buffers(), ckpt.buffers()):
-        assert torch.equal(p, q), name  # running statistics updated once per step, not again in the recomputation
+        # running statistics updated once per step, not again in the recomputation
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=name)
     if norm == "batch":
         assert int(dict(ckpt.named_buffers())["encoder.0.block.expand.adn.N.num_batches_tracked"]) == 2
     with torch.no_grad():

@@ -248,6 +248,12 @@ class MKIRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mkir(self.cmfa(x))
 
+    @torch.jit.unused
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the MKIR's :meth:`~ul3d.networks.blocks.MKIR.forward_lean` (less kept for backward)."""
+        lean = getattr(self.mkir, "forward_lean", None)
+        return self.mkir(self.cmfa(x)) if lean is None else lean(self.cmfa(x))
+
 
 class GAG(nn.Module):
     """Grouped attention gate, Eq. 6: ``x ⊗ σ(BN(Conv(ReLU(BN(GC_g(g)) + BN(GC_x(x))))))``.

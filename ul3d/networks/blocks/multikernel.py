@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ..depthwise import depthwise_conv, triton_available, unsupported_conv
 
 __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
-           "conv_act", "pointwise_conv", "outer_product_conv"]
+           "batchnorm_act", "batchnorm_of_pointwise", "conv_act", "pointwise_conv", "outer_product_conv"]
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -108,6 +108,100 @@ def _pointwise_block(block: nn.Module, x: torch.Tensor, conv=pointwise_conv) -> 
     y = conv(x, block.conv.weight, block.conv.bias)
     adn = getattr(block, "adn", None)
     return y if adn is None else adn(y)
+
+
+def batchnorm_of_pointwise(h: torch.Tensor, weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm of a bias-free 1×1 conv's output, ``BN(W h) = scale · (W h) + shift``, with the batch
+    statistics of ``z = W h`` computed from those of ``h`` instead of from ``z`` itself: per output channel ``o``,
+    ``mean(z_o) = W_o · mean(h)`` and ``var(z_o) = W_o Σ_h W_oᵀ`` (``Σ_h`` the biased channel covariance of ``h``),
+    so ``z`` need not exist before it is normalised. Updates ``bn``'s running statistics as BatchNorm does (momentum or
+    cumulative average, unbiased variance) and returns ``(scale, shift)`` of shape ``(C_out,)`` in float32 (float64 for
+    float64 inputs);
+    differentiable in ``h``, ``weight`` and the affine parameters, with the gradients of BatchNorm's batch statistics.
+    """
+    dims = [0] + list(range(2, h.dim()))
+    count = h.numel() // h.shape[1]
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    w = weight.reshape(weight.shape[0], -1).to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        hf = h.to(dtype)
+        mean_h = hf.mean(dims)
+        centred = (hf - mean_h.reshape((1, -1) + (1,) * (h.dim() - 2))).transpose(0, 1).reshape(h.shape[1], -1)
+        cov = centred @ centred.t() / count
+        mean = w @ mean_h
+        var = ((w @ cov) * w).sum(1)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight.to(dtype)
+        shift = -mean * scale + (bn.bias.to(dtype) if bn.affine else 0.0)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - m).add_(mean.detach().to(bn.running_mean.dtype), alpha=m)
+            unbiased = var.detach() * (count / max(count - 1, 1))
+            bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
+    return scale, shift
+
+
+def _clamp_range(act: nn.Module) -> tuple[float, float] | None:
+    """(min, max) of a ReLU / ReLU6 / Hardtanh activation module, None for anything else."""
+    if isinstance(act, nn.ReLU6):
+        return 0.0, 6.0
+    if isinstance(act, nn.Hardtanh):
+        return float(act.min_val), float(act.max_val)
+    if isinstance(act, nn.ReLU):
+        return 0.0, float("inf")
+    return None
+
+
+class _BatchNormClampFn(torch.autograd.Function):
+    """``clamp(BN(z), lo, hi)`` with batch statistics, keeping only ``z`` and the statistics for backward: the
+    normalised tensor is recomputed there (the same kernel on the same input: the same values and clamp mask)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, running_mean, running_var, momentum, eps, lo, hi):
+        out, mean, invstd = torch.native_batch_norm(z, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(z, weight, bias, mean, invstd)
+        ctx.eps, ctx.lo, ctx.hi = eps, lo, hi
+        return out.clamp_(lo, hi) if hi != float("inf") else out.clamp_(min=lo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, weight, bias, mean, invstd = ctx.saved_tensors
+        out = torch.native_batch_norm(z, weight, bias, None, None, True, 0.0, ctx.eps)[0]
+        grad = grad * ((out > ctx.lo) & (out < ctx.hi))  # hardtanh's backward: zero where clamped (and at the bounds)
+        masks = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                 bias is not None and ctx.needs_input_grad[2]]
+        gz, gw, gb = torch.ops.aten.native_batch_norm_backward(grad, z, weight, None, None, mean, invstd, True, ctx.eps,
+                                                               masks)
+        return gz, gw, gb, None, None, None, None, None, None
+
+
+def batchnorm_act(z: torch.Tensor, adn: nn.Module | None) -> torch.Tensor:
+    """``adn(z)`` for a MONAI ``Convolution`` block's norm -> activation (``ADN`` with ``N`` then ``A``), keeping less
+    for backward in training: with a BatchNorm that normalises with batch statistics and a ReLU / ReLU6 / Hardtanh,
+    only ``z`` and the per-channel statistics are kept (PyTorch keeps ``z`` for the norm and the normalised tensor for
+    the activation); running statistics are updated as BatchNorm does. Anything else (and code being compiled by
+    ``torch.compile``) runs ``adn``."""
+    if adn is None:
+        return z
+    bn, act = getattr(adn, "N", None), getattr(adn, "A", None)
+    rest = [name for name, m in adn.named_children() if name not in ("N", "A") and not isinstance(m, nn.Identity)]
+    bounds = _clamp_range(act) if act is not None else None
+    if (rest or bounds is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()  # the compiler's partitioner chooses what to keep
+            or not (bn.training or bn.running_mean is None) or list(adn.children()).index(bn) > list(adn.children()).index(act)):
+        return adn(z)
+    bn._check_input_dim(z)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average, as BatchNorm (which also reads the count on the host)
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    stats = (bn.running_mean, bn.running_var) if bn.training and bn.track_running_stats else (None, None)
+    return _BatchNormClampFn.apply(z, bn.weight, bn.bias, *stats, momentum, bn.eps, *bounds)
 
 
 def accumulate(total: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -290,6 +384,22 @@ class MKDC(nn.Module):
                          None if conv.bias is None else conv.bias.repeat(samples), conv.groups * samples)
             out = y if i == 0 else accumulate(out, y, self.inplace)
         return out
+
+    @torch.jit.unused
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` keeping less for backward in training: each branch's BatchNorm and activation through
+        :func:`batchnorm_act` (its depth-wise conv through ul3d's Triton kernels when ``triton`` is on and they run
+        here). Other configurations (fused, float32, sequential branches) run :meth:`forward`."""
+        if not (torch.is_grad_enabled() and self.training) or self.fused or self.float32 or not self.parallel:
+            return self.forward(x)
+        triton = self.triton and self.triton_unsupported() is None and triton_available(x.device)
+        out = None
+        for branch in self.branches:
+            conv = branch.conv
+            y = depthwise_conv(x, conv.weight, conv.bias) if triton else conv(x)
+            y = batchnorm_act(y, getattr(branch, "adn", None))
+            out = y if out is None else out + y
+        return self.shuffle(out)
 
     @torch.jit.unused
     def triton_unsupported(self) -> str | None:
@@ -555,6 +665,52 @@ class MKIR(nn.Module):
                              self.inplace)
         return out
 
+
+    @torch.jit.unused
+    def lean_unsupported(self) -> str | None:
+        """Why :meth:`forward_lean` computes project, BatchNorm and shortcut separately, or None when it merges them."""
+        adn = getattr(self.project, "adn", None)
+        bn = getattr(adn, "N", None) if adn is not None else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or any(
+                not isinstance(m, nn.Identity) for name, m in adn.named_children() if name != "N"):
+            return "the project conv is not followed by BatchNorm alone"
+        if self.project.conv.bias is not None:
+            return "the project conv has a bias"
+        sc = self.shortcut
+        if self.residual and not (isinstance(sc, nn.modules.conv._ConvNd) and sc.bias is None):
+            return "identity shortcut (nothing to merge)"
+        hidden, out = self.project.conv.in_channels, self.project.conv.out_channels
+        if hidden + (self.expand.conv.in_channels if self.residual else 0) >= out:
+            return "no narrower than its output: merging would not save memory"
+        return None
+
+    @torch.jit.unused
+    def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` keeping less for backward in training (``use_checkpoint``): the expand's and every MKDC
+        branch's BatchNorm + ReLU6 keep only their input (:func:`batchnorm_act`, :meth:`MKDC.forward_lean`), and in a
+        block whose hidden and input channels together are fewer than its output's (the first encoder stage: 2 + 1 →
+        16) the project conv's BatchNorm uses batch statistics computed from the hidden channels
+        (:func:`batchnorm_of_pointwise`), so project, BatchNorm, shortcut and sum are one 1×1 conv over
+        ``[hidden, input]`` with weights ``[scale · W_2, W_s]`` and bias ``shift``: the output is then the only
+        full-width tensor. The same function, gradients and running statistics as :meth:`forward` (up to rounding); in
+        eval mode or with autograd off it is :meth:`forward`."""
+        if not (self.training and torch.is_grad_enabled()):
+            return self.forward(x)
+        e = self.expand
+        h = self.mkdc.forward_lean(batchnorm_act(e.conv(x), getattr(e, "adn", None)))
+        if self.lean_unsupported() is not None or not self.project.adn.N.training:
+            out = self.project(h)
+            return out + self.shortcut(x) if self.residual else out
+        w = self.project.conv.weight
+        scale, shift = batchnorm_of_pointwise(h, w, self.project.adn.N)
+        wcat = scale.reshape((-1,) + (1,) * (w.dim() - 1)) * w.to(scale.dtype)
+        inputs = h
+        if self.residual:
+            wcat = torch.cat([wcat, self.shortcut.weight.to(scale.dtype)], 1)
+            inputs = torch.cat([h, x.to(h.dtype)], 1)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the conv casts both itself
+            wcat, shift = wcat.to(inputs.dtype), shift.to(inputs.dtype)
+        return (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3](inputs, wcat, shift)
 
     @torch.jit.unused
     def mkdc_plain(self) -> bool:

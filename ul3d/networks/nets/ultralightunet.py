@@ -12,6 +12,7 @@ from torch import nn
 
 from ..blocks import CMFA, GAG, MKIR, MKIRA, InvertedResidual, SpatialAttention
 from ..blocks.multikernel import accumulate
+from ._lean import max_pool_keeping_indices, upsample_relu_head
 from ._utils import as_tuple, check_input, checkpointed, init_normal_, interpolate_mode
 
 __all__ = ["UltraLightUNet", "ULTRALIGHTUNET_VARIANTS", "EncoderStage", "DecoderStage"]
@@ -26,8 +27,13 @@ ULTRALIGHTUNET_VARIANTS: dict[str, tuple[int, ...]] = {
 }
 
 
+def _lean(block: nn.Module):
+    """The block's ``forward_lean`` (MKIR, IRB, MKIRA: less kept for backward in training), else the block."""
+    return getattr(block, "forward_lean", block)
+
+
 def _pooled(stage: nn.Module, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return pool(stage(x))
+    return max_pool_keeping_indices(stage(x, lean=True), pool)
 
 
 class EncoderStage(nn.Module):
@@ -41,7 +47,10 @@ class EncoderStage(nn.Module):
         self.block = block
         self.attention = attention if attention is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
+        """``lean``: the block's :meth:`~ul3d.networks.blocks.MKIR.forward_lean` (``use_checkpoint``: less memory)."""
+        if lean and not torch.jit.is_scripting():
+            return self.attention(_lean(self.block)(x))
         return self.attention(self.block(x))
 
 
@@ -76,8 +85,14 @@ class DecoderStage(nn.Module):
         # when autograd is off
         self.inplace = False
 
-    def forward(self, x: torch.Tensor, size: list[int], skip: torch.Tensor | None = None) -> torch.Tensor:
-        x = F.interpolate(self.block(x), size=size, mode=self.mode, align_corners=self.align_corners)
+    def forward(self, x: torch.Tensor, size: list[int], skip: Optional[torch.Tensor] = None, lean: bool = False
+                ) -> torch.Tensor:
+        """``lean``: the block's ``forward_lean`` (``use_checkpoint``: less kept for backward)."""
+        if lean and not torch.jit.is_scripting():
+            x = _lean(self.block)(x)
+        else:
+            x = self.block(x)
+        x = F.interpolate(x, size=size, mode=self.mode, align_corners=self.align_corners)
         inplace = self.inplace and not torch.is_grad_enabled()
         if self.upsample_relu:
             x = torch.relu_(x) if inplace else torch.relu(x)
@@ -130,7 +145,12 @@ class UltraLightUNet(nn.Module):
         use_checkpoint: in training, keep only each encoder and decoder stage's inputs for backward and recompute
             the stage there (activation checkpointing, as MONAI's SwinUNETR ``use_checkpoint``): the same function
             and gradients with much less activation memory, for about one more forward pass per step. BatchNorm
-            running statistics are updated once per step. Defaults to False.
+            running statistics are updated once per step. Every MKIR then keeps less for backward
+            (:meth:`~ul3d.networks.blocks.MKIR.forward_lean`: BatchNorm + ReLU6 keep only their input; the first stage
+            merges project, BatchNorm and shortcut into one conv), and the last stage's full-resolution upsampling, ReLU and the
+            head then run one slab of rows at a time, each slab checkpointed
+            (:func:`~ul3d.networks.nets._lean.upsample_relu_head`), so no full-resolution feature map is kept
+            (without deep supervision), and max-pooling keeps only its indices for backward. Defaults to False.
 
     Note:
         Where paper and released code differ (see ``docs/architecture.md``), the default follows
@@ -264,8 +284,13 @@ class UltraLightUNet(nn.Module):
         for i, stage in enumerate(self.decoder):
             skip: Optional[torch.Tensor] = skips[n - 2 - i] if i < n - 1 else None
             stage_size = list(skip.shape[2:]) if skip is not None else size
+            if ckpt and skip is None and not supervise and not torch.jit.is_scripting():
+                # the last stage: block checkpointed, then upsampling + ReLU + head slab by slab
+                x = checkpointed(stage, _lean(stage.block), x)
+                return upsample_relu_head(x, size, self.head, relu=stage.upsample_relu,
+                                          align_corners=stage.align_corners, checkpointed=True)
             if ckpt and not torch.jit.is_scripting():
-                x = checkpointed(stage, stage, x, stage_size, skip)
+                x = checkpointed(stage, stage, x, stage_size, skip, True)
             else:
                 x = stage(x, stage_size, skip)
             if supervise:
