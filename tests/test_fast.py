@@ -284,9 +284,11 @@ def test_outer_product_inplace_folded_batchnorm_channels_last_network():
 def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
     """accelerate(merge_pointwise=True) on the CPU inference path: the shuffle folded into the project conv, the
     one-channel stem's project + shortcut as one product, the GAGs' grouped convs as depth-wise convs plus a channel
-    sum, the 3D spatial-attention conv as 2D convs over depth slices: each merged path runs, the output is the plain
-    network's within 1e-4, and training is untouched."""
+    sum, the 3D spatial-attention conv as 2D convs over depth slices, the last stage's upsampling + ReLU + head slab
+    by slab (channels-last slabs in 3D): each merged path runs, the output is the plain network's within 1e-4, and
+    training is untouched."""
     from ul3d.networks.blocks import GAG, MKIR
+    from ul3d.networks.nets import _lean
 
     net = _with_statistics(get_network("ultralightunet", variant, spatial_dims=dims, in_channels=1, out_channels=3,
                                        init="default"), (2, 1) + (32,) * dims)
@@ -295,8 +297,15 @@ def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
                       merge_pointwise=True)
     from ul3d.networks.blocks import SpatialAttention
 
-    calls = {"stem": 0, "mkir": 0, "gag": 0, "sa": 0}
+    calls = {"stem": 0, "mkir": 0, "gag": 0, "sa": 0, "slabs": 0}
     merged, gates, sliced = MKIR._forward_merged, GAG._gates_depthwise, SpatialAttention._conv3d_sliced
+    slabs = _lean._channels_last_slabs
+
+    def spy_slabs(*args):
+        calls["slabs"] += 1
+        return slabs(*args)
+
+    monkeypatch.setattr(_lean, "_channels_last_slabs", spy_slabs)
 
     def spy_mkir(self, x):
         calls["stem" if x.shape[1] == 1 else "mkir"] += 1
@@ -317,7 +326,7 @@ def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
     x = torch.randn((2, 1) + (32,) * dims)
     with torch.no_grad():
         ref, out = net(x), fast(x.contiguous(memory_format=fmt))
-    assert calls == {"stem": 1, "mkir": 9, "gag": 4, "sa": 5 if dims == 3 else 0}
+    assert calls == {"stem": 1, "mkir": 9, "gag": 4, "sa": 5 if dims == 3 else 0, "slabs": 1 if dims == 3 else 0}
     assert ref.abs().max() > 1e-2 and (ref - out).abs().max() <= 1e-4
     # with autograd on the merged paths stay off (the plain modules train)
     trained = accelerate(copy.deepcopy(net).train(), merge_pointwise=True, fused_mkdc=False)

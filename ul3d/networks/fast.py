@@ -72,11 +72,12 @@ def accelerate(
             conv's weight (no shuffle copy) and, for a one-channel input with BatchNorm folded, computes project and
             shortcut as one matrix product (:meth:`~ul3d.networks.blocks.MKIR._forward_merged`); every GAG whose
             grouped convs map each group to one channel computes them as depth-wise convs plus a channel sum; every 3D
-            spatial-attention conv runs as 2D convs over the depth slices plus a shifted sum.
+            spatial-attention conv runs as 2D convs over the depth slices plus a shifted sum; UltraLightUNet's last stage
+            upsamples, applies ReLU and the head one slab of rows at a time (``slab_head``).
     """
     from .blocks.attention import GAG, SpatialAttention
     from .blocks.multikernel import MKDC, MKIR
-    from .nets.ultralightunet import DecoderStage
+    from .nets.ultralightunet import DecoderStage, UltraLightUNet
 
     if fold_bn:
         model = fold_batchnorm(model)
@@ -104,6 +105,8 @@ def accelerate(
             m.inplace = True
         if isinstance(m, (MKDC, MKIR, DecoderStage)):
             m.inplace = bool(inplace)
+        if isinstance(m, UltraLightUNet):
+            m.slab_head = bool(merge_pointwise)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
         model = model.to(memory_format=channels_last_format(dims))

@@ -80,8 +80,15 @@ def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, rel
         checkpointed: in training, keep only ``x`` for backward and recompute each slab there
             (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant; ``head`` must not draw random numbers or
             update buffers).
+
+    With autograd off, a channels-last 3D ``x`` and a 1×1 conv head, each slab stays channels-last from end to end
+    (two source slices, a bilinear upsampling of the slab's rows, ReLU in place, the head as one matrix product) and
+    is written into a channels-last output: ``ul3d predict``'s CPU path, where the slab stays in cache.
     """
     size = [int(s) for s in size]
+    if (not torch.is_grad_enabled() and x.dim() == 5 and x.shape[0] * x.shape[1] > 1
+            and x.is_contiguous(memory_format=torch.channels_last_3d) and _pointwise_head(head) is not None):
+        return _channels_last_slabs(x, size, head, relu, align_corners, slab_elements)
     rest = size[1:]
     i0, i1, lam = linear_source_weights(int(x.shape[2]), size[0], align_corners, x.device,
                                         torch.promote_types(x.dtype, torch.float32))
@@ -98,6 +105,66 @@ def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, rel
         else:
             outs.append(_slab(x, *idx, rest, align_corners, relu, head))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+def _pointwise_head(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight (O, C), bias) of a 1×1 convolution head, None for any other module."""
+    if not isinstance(head, nn.modules.conv._ConvNd) or head.groups != 1 or any(k != 1 for k in head.kernel_size) \
+            or any(s != 1 for s in head.stride) or any(p != 0 for p in head.padding) or head.padding_mode != "zeros":
+        return None
+    return head.weight.reshape(head.weight.shape[0], -1), head.bias
+
+
+def _upsample2x(src: torch.Tensor, dim: int, out: torch.Tensor) -> torch.Tensor:
+    """Linear 2× upsampling along ``dim`` with ``align_corners=False`` (``F.interpolate``'s weights: every output
+    sample is ``0.75 · nearest + 0.25 · next nearest`` source sample, the two ends copy the end samples), written into
+    ``out`` (``src``'s shape with ``dim`` doubled) with two strided ``lerp`` passes."""
+    n = src.shape[dim]
+    even, odd = out.narrow(dim, 0, 2 * n).unflatten(dim, (n, 2)).unbind(dim + 1)
+    if n > 1:
+        torch.lerp(src.narrow(dim, 1, n - 1), src.narrow(dim, 0, n - 1), 0.25, out=even.narrow(dim, 1, n - 1))
+        torch.lerp(src.narrow(dim, 0, n - 1), src.narrow(dim, 1, n - 1), 0.25, out=odd.narrow(dim, 0, n - 1))
+    even.narrow(dim, 0, 1).copy_(src.narrow(dim, 0, 1))
+    odd.narrow(dim, n - 1, 1).copy_(src.narrow(dim, n - 1, 1))
+    return out
+
+
+def _channels_last_slabs(x: torch.Tensor, size: list[int], head: nn.Module, relu: bool, align_corners: bool,
+                         slab_elements: int) -> torch.Tensor:
+    """:func:`upsample_relu_head` for a channels-last ``(N, C, D, H, W)`` input with autograd off: per slab, each
+    output row is one ``lerp`` of two source rows, the rows are upsampled in-plane (exact 2×: two strided ``lerp``
+    passes per axis; otherwise bilinear ``F.interpolate``), ReLU runs in place and the head is one batched matrix
+    product per slab. Returns a contiguous ``(N, O, *size)`` tensor."""
+    n, c = int(x.shape[0]), int(x.shape[1])
+    d, h, w = size
+    hs, ws = int(x.shape[3]), int(x.shape[4])
+    weight, bias = _pointwise_head(head)
+    i0, i1, lam = (t.tolist() for t in linear_source_weights(int(x.shape[2]), d, align_corners, x.device))
+    last = x.movedim(1, -1)  # (N, D', H', W', C), contiguous
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty((n, weight.shape[0], d, h, w), dtype=dtype, device=x.device)
+    wb = weight.to(dtype).expand(n, -1, -1)
+    bb = None if bias is None else bias.to(dtype).reshape(1, -1, 1)
+    exact = not align_corners and h == 2 * hs and w == 2 * ws
+    rows = slab_rows(d, n * c * h * w, slab_elements)
+    for a in range(0, d, rows):
+        r = min(a + rows, d) - a
+        src = x.new_empty((n, r, hs, ws, c))
+        for j in range(r):
+            torch.lerp(last[:, i0[a + j]], last[:, i1[a + j]], lam[a + j], out=src[:, j])
+        planes = src.view(n * r, hs, ws, c)
+        if exact:
+            up = _upsample2x(_upsample2x(planes, 2, planes.new_empty((n * r, hs, w, c))), 1,
+                             planes.new_empty((n * r, h, w, c)))
+        else:
+            up = F.interpolate(planes.permute(0, 3, 1, 2), size=(h, w), mode="bilinear",
+                               align_corners=align_corners).permute(0, 2, 3, 1)
+        if relu:
+            up = up.relu_()
+        voxels = up.reshape(n, r * h * w, c).transpose(1, 2).to(dtype)  # (N, C, r·H·W)
+        res = torch.bmm(wb, voxels) if bb is None else torch.baddbmm(bb, wb, voxels)
+        out[:, :, a:a + r] = res.view(n, -1, r, h, w)
+    return out
 
 
 class _MaxPoolIndices(torch.autograd.Function):

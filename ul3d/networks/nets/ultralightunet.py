@@ -220,6 +220,9 @@ class UltraLightUNet(nn.Module):
         self.channels = channels
         self.deep_supervision = deep_supervision
         self.use_checkpoint = bool(use_checkpoint)
+        # ``slab_head`` (``ul3d.networks.fast.accelerate(merge_pointwise=True)``, inference with autograd off): the last
+        # stage's upsampling, ReLU and head run slab by slab (:func:`~ul3d.networks.nets._lean.upsample_relu_head`)
+        self.slab_head = False
         self._mode = interpolate_mode(spatial_dims)
 
         def make_block(cin: int, cout: int) -> nn.Module:
@@ -267,6 +270,10 @@ class UltraLightUNet(nn.Module):
             conv(dec_out[i], out_channels, kernel_size=1) for i in range(n - 1 - deep_supr_num, n - 1)
         ) if deep_supervision else nn.ModuleList()
 
+    #: elements of one upsampled slab with ``slab_head`` (4 MiB in float32: it stays in a CPU core's cache; 2-core CPU,
+    #: 4 × 16 × 48³ → 96³: 62.6 → 39.5 ms against the full-volume upsampling, ReLU and head)
+    SLAB_ELEMENTS = 1 << 20
+
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
         check_input(x, self.spatial_dims, self.in_channels, self._name)
         size = list(x.shape[2:])
@@ -289,6 +296,10 @@ class UltraLightUNet(nn.Module):
                 x = checkpointed(stage, _lean(stage.block), x)
                 return upsample_relu_head(x, size, self.head, relu=stage.upsample_relu,
                                           align_corners=stage.align_corners, checkpointed=True)
+            if self.slab_head and skip is None and not supervise and not torch.is_grad_enabled() \
+                    and not torch.jit.is_scripting():
+                return upsample_relu_head(stage.block(x), size, self.head, relu=stage.upsample_relu,
+                                          align_corners=stage.align_corners, slab_elements=self.SLAB_ELEMENTS)
             if ckpt and not torch.jit.is_scripting():
                 x = checkpointed(stage, stage, x, stage_size, skip, True)
             else:
