@@ -307,9 +307,10 @@ def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
 
     monkeypatch.setattr(_lean, "_channels_last_slabs", spy_slabs)
 
-    def spy_mkir(self, x):
-        calls["stem" if x.shape[1] == 1 else "mkir"] += 1
-        return merged(self, x)
+    def spy_mkir(self, x, pool=None):
+        if pool is None or (x.shape[1] == 1 and MKIR._pool_fits(pool, x)):  # not a call that comes back unpooled
+            calls["stem" if x.shape[1] == 1 else "mkir"] += 1
+        return merged(self, x, pool)
 
     def spy_gag(self, g, x):
         calls["gag"] += 1
@@ -333,6 +334,34 @@ def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
     before = dict(calls)
     trained(x).sum().backward()
     assert calls == before
+
+
+@pytest.mark.parametrize("batch,size", [(4, 16), (1, 16), (2, 15)])
+def test_forward_pooled_stem_is_pool_of_the_block(batch, size):
+    """The merged stem computed two depth slices at a time and max-pooled at once (packed batches, a single window,
+    odd sizes falling back to the pool): exactly ``pool(block(x))``, channels-last; other blocks and autograd on are
+    ``pool(block(x))`` too."""
+    from ul3d.networks.blocks import MKIR
+
+    torch.manual_seed(0)
+    net = _with_statistics(get_network("ultralightunet", "S", spatial_dims=3, in_channels=1, out_channels=3,
+                                       init="default"), (2, 1, 16, 16, 16))
+    fast = accelerate(net, fold_bn=True, channels_last=True, outer_product=True, fused_mkdc=False, inplace=True,
+                      merge_pointwise=True)
+    x = torch.randn(batch, 1, size, size, size).contiguous(memory_format=torch.channels_last_3d)
+    stem, pool = fast.encoder[0].block, fast.pool
+    assert MKIR._pool_fits(pool, x) == (size % 2 == 0)
+    with torch.no_grad():
+        got, ref = stem.forward_pooled(x, pool), pool(stem(x))
+        assert got.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+        h = fast.encoder[1].block
+        torch.testing.assert_close(h.forward_pooled(ref, pool), pool(h(ref)), rtol=0, atol=0)
+    # with autograd on, the plain modules run: the same tensor as pool(block(x)), with a gradient
+    grads = accelerate(copy.deepcopy(net).eval(), merge_pointwise=True, fused_mkdc=False)
+    xt = torch.randn(2, 1, 16, 16, 16)
+    a = grads.encoder[0].block.forward_pooled(xt, grads.pool)
+    assert a.requires_grad and torch.equal(a, grads.pool(grads.encoder[0].block(xt)))
 
 
 def test_inplace_is_inference_only_and_keeps_training_exact():

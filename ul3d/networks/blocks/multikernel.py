@@ -145,6 +145,10 @@ def batchnorm_of_pointwise(h: torch.Tensor, weight: torch.Tensor, bn: nn.modules
     return scale, shift
 
 
+def _tuple3(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3
+
+
 def _clamp_range(act: nn.Module) -> tuple[float, float] | None:
     """(min, max) of a ReLU / ReLU6 / Hardtanh activation module, None for anything else."""
     if isinstance(act, nn.ReLU6):
@@ -718,13 +722,56 @@ class MKIR(nn.Module):
         return not (self.mkdc.fused or self.mkdc.triton or self.mkdc.float32)
 
     @torch.jit.unused
-    def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pooled(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+        """``pool(self(x))``; for inference on the merged path (``merge_pointwise``, autograd off) with a one-channel,
+        channels-last 3D input of even size and a 2×2×2 max-pool, the merged project + shortcut product is computed
+        two depth slices at a time and max-pooled at once, so the full-resolution ``C_1``-channel output never exists
+        (2-core CPU, 4 × 96³ windows of the base network: it is 226 MB)."""
+        if self.merge_pointwise and not torch.is_grad_enabled() and self.mkdc_plain():
+            return self._forward_merged(x, pool)
+        return pool(self(x))
+
+    @staticmethod
+    def _pool_fits(pool: nn.Module | None, x: torch.Tensor) -> bool:
+        """Whether :meth:`_pooled_stem_slabs` computes ``pool`` on the block's output for input ``x``."""
+        if not isinstance(pool, nn.MaxPool3d) or x.dim() != 5 or any(int(s) % 2 for s in x.shape[2:]):
+            return False
+        k, st = pool.kernel_size, pool.stride if pool.stride is not None else pool.kernel_size
+        return all(v == 2 for v in _tuple3(k) + _tuple3(st)) and all(v == 0 for v in _tuple3(pool.padding)) \
+            and all(v == 1 for v in _tuple3(pool.dilation)) and not pool.return_indices
+
+    @staticmethod
+    def _pooled_stem_slabs(h: torch.Tensor, x: torch.Tensor, wcat: torch.Tensor, bias: torch.Tensor | None
+                           ) -> torch.Tensor:
+        """2×2×2 max-pool of ``[h, x] @ wcat (+ bias)`` over ``(N, D, H, W, ·)`` voxels, two depth slices at a time;
+        ``h`` is ``(N, D, H, W, C)`` (channels innermost), ``x`` ``(N, 1, D, H, W)``. Returns ``(N, O, D/2, H/2, W/2)``
+        channels-last."""
+        n, d, hh, ww, c = h.shape
+        o = wcat.shape[1]
+        out = torch.empty((n, d // 2, hh // 2, ww // 2, o), dtype=wcat.dtype, device=h.device)
+        xv = x.reshape(n, d, hh, ww, 1)
+        for s in range(n):
+            for a in range(0, d, 2):
+                rows = torch.cat([h[s, a:a + 2], xv[s, a:a + 2]], -1).reshape(-1, c + 1)
+                z = (rows @ wcat).view(2, hh, ww, o)
+                m = torch.maximum(z[0], z[1])
+                m = torch.maximum(m[0::2], m[1::2])
+                pooled = torch.maximum(m[:, 0::2], m[:, 1::2], out=out[s, a // 2])
+                if bias is not None:  # a per-channel constant commutes with the max: added to the pooled slab
+                    pooled.add_(bias)
+        return out.permute(0, 4, 1, 2, 3)
+
+    @torch.jit.unused
+    def _forward_merged(self, x: torch.Tensor, pool: nn.Module | None = None) -> torch.Tensor:
         """:meth:`forward` for inference (autograd off) without the shuffle's copy: ``PWC_2(CS(h)) = PWC_2'(h)`` where
         ``PWC_2'`` takes its input channels in the unshuffled order. ``CS`` puts channel ``i·n + j`` of ``h`` at
         ``j·g + i`` (``g`` groups of ``n``), so ``W'[:, i·n + j] = W[:, j·g + i]``. For a one-channel (channels-last)
         input with BatchNorm folded into the project conv, ``W'·h + b + w_s·x`` is one ``addmm`` over the
-        concatenated ``[h, x]`` voxels: no separate shortcut tensor and no sum."""
+        concatenated ``[h, x]`` voxels: no separate shortcut tensor and no sum. With ``pool`` the result is
+        ``pool(forward(x))`` (see :meth:`forward_pooled`)."""
         one = self.outer_product and x.shape[1] == 1
+        if pool is not None and not (one and self._pool_fits(pool, x)):
+            return pool(self._forward_merged(x))
         conv = self.project.conv
         w, g = conv.weight, self.mkdc.shuffle.groups
         if g > 1:
@@ -744,13 +791,17 @@ class MKIR(nn.Module):
             h = self.mkdc.branch_sum(expanded)
             merged_stem = merged_stem and is_channels_last(h)
             h = h.movedim(1, -1) if merged_stem else h
+        if pool is not None and merged_stem and self._pool_fits(pool, x):
+            wcat = torch.cat([w.reshape(w.shape[0], -1), sc.weight.reshape(w.shape[0], 1)], 1).t()
+            return self._pooled_stem_slabs(h, x, wcat, conv.bias)
         if merged_stem:
             # the bias as one more input column of ones (addmm would first copy it into every output row)
             cols = [h, x.movedim(1, -1)] + ([] if conv.bias is None else [torch.ones_like(x.movedim(1, -1))])
             rows = torch.cat(cols, -1).reshape(-1, sum(c.shape[-1] for c in cols))
             wcols = [w.reshape(w.shape[0], -1), sc.weight.reshape(w.shape[0], 1)]
             wcat = torch.cat(wcols + ([] if conv.bias is None else [conv.bias.reshape(-1, 1)]), 1).t()
-            return (rows @ wcat).reshape(x.shape[0], *x.shape[2:], w.shape[0]).movedim(-1, 1)
+            out = (rows @ wcat).reshape(x.shape[0], *x.shape[2:], w.shape[0]).movedim(-1, 1)
+            return out if pool is None else pool(out)
         channels_last = is_channels_last(h)
         if channels_last:
             w = w.contiguous(memory_format=channels_last_format(w.dim()))
@@ -761,7 +812,7 @@ class MKIR(nn.Module):
             shortcut = outer_product_conv(x, sc.weight, sc.bias) if one and isinstance(sc, nn.modules.conv._ConvNd) \
                 else sc(x)
             out = accumulate(out, shortcut, self.inplace)
-        return out
+        return out if pool is None else pool(out)
 
 
     #: vector lanes (float32) the packed stem fills at most: AVX-512 holds 16

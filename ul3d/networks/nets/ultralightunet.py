@@ -47,6 +47,13 @@ class EncoderStage(nn.Module):
         self.block = block
         self.attention = attention if attention is not None else nn.Identity()
 
+    @torch.jit.unused
+    def forward_pooled(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+        """``pool(self(x))``, through the block's ``forward_pooled`` when there is no attention after it."""
+        if isinstance(self.attention, nn.Identity) and hasattr(self.block, "forward_pooled"):
+            return self.block.forward_pooled(x, pool)
+        return pool(self(x))
+
     def forward(self, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
         """``lean``: the block's :meth:`~ul3d.networks.blocks.MKIR.forward_lean` (``use_checkpoint``: less memory)."""
         if lean and not torch.jit.is_scripting():
@@ -221,7 +228,8 @@ class UltraLightUNet(nn.Module):
         self.deep_supervision = deep_supervision
         self.use_checkpoint = bool(use_checkpoint)
         # ``slab_head`` (``ul3d.networks.fast.accelerate(merge_pointwise=True)``, inference with autograd off): the last
-        # stage's upsampling, ReLU and head run slab by slab (:func:`~ul3d.networks.nets._lean.upsample_relu_head`)
+        # stage's upsampling, ReLU and head run slab by slab (:func:`~ul3d.networks.nets._lean.upsample_relu_head`),
+        # and the encoder stages pool through their block's ``forward_pooled`` (the stem: pooled two slices at a time)
         self.slab_head = False
         self._mode = interpolate_mode(spatial_dims)
 
@@ -282,6 +290,8 @@ class UltraLightUNet(nn.Module):
         for stage in self.encoder:
             if ckpt and not torch.jit.is_scripting():
                 x = checkpointed(stage, _pooled, stage, self.pool, x)
+            elif self.slab_head and not torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = stage.forward_pooled(x, self.pool)
             else:
                 x = self.pool(stage(x))
             skips.append(x)
