@@ -111,42 +111,54 @@ def _pointwise_block(block: nn.Module, x: torch.Tensor, conv=pointwise_conv) -> 
 
 
 def batchnorm_of_pointwise(h: torch.Tensor, weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-mode BatchNorm of a bias-free 1×1 conv's output, ``BN(W h) = scale · (W h) + shift``, with the batch
-    statistics of ``z = W h`` computed from those of ``h`` instead of from ``z`` itself: per output channel ``o``,
-    ``mean(z_o) = W_o · mean(h)`` and ``var(z_o) = W_o Σ_h W_oᵀ`` (``Σ_h`` the biased channel covariance of ``h``),
-    so ``z`` need not exist before it is normalised. Updates ``bn``'s running statistics as BatchNorm does (momentum or
-    cumulative average, unbiased variance) and returns ``(scale, shift)`` of shape ``(C_out,)`` in float32 (float64 for
-    float64 inputs);
-    differentiable in ``h``, ``weight`` and the affine parameters, with the gradients of BatchNorm's batch statistics.
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm of a bias-free 1×1 conv's output, ``BN(W h) = scale · (W h_c) + β`` with
+    ``h_c = h − mean(h)``, the batch statistics of ``z = W h`` computed from those of ``h`` instead of from ``z``
+    itself: per output channel ``o``, ``mean(z_o) = W_o · mean(h)`` and ``var(z_o) = W_o Σ_h W_oᵀ`` (``Σ_h`` the biased
+    channel covariance of ``h``), so ``z`` need not exist before it is normalised. Updates ``bn``'s running statistics
+    as BatchNorm does (momentum or cumulative average, unbiased variance). Returns ``(scale, β, h_c)``: ``scale`` and
+    ``β`` of shape ``(C_out,)`` in float64, ``h_c`` in ``h``'s dtype promoted to float32; differentiable in ``h``,
+    ``weight`` and the affine parameters, with the gradients of BatchNorm's batch statistics.
+
+    Numerics: the statistics are computed in float64 (a float32 covariance summed over millions of voxels is ~1e-5 off
+    in relative terms, which BatchNorm turns into output differences of ~1e-4), and the conv runs on the centred
+    ``h_c`` (as BatchNorm subtracts the mean before scaling): on the uncentred ``h`` the weight gradient would be a
+    difference of large sums, ~20× less accurate than BatchNorm's in float32.
     """
     dims = [0] + list(range(2, h.dim()))
     count = h.numel() // h.shape[1]
-    dtype = torch.promote_types(h.dtype, torch.float32)
-    w = weight.reshape(weight.shape[0], -1).to(dtype)
+    stats = torch.float64 if h.device.type in ("cpu", "cuda") else torch.promote_types(h.dtype, torch.float32)
+    work = torch.promote_types(h.dtype, torch.float32)
+    w = weight.reshape(weight.shape[0], -1).to(stats)
+    view = (1, -1) + (1,) * (h.dim() - 2)
     with torch.autocast(h.device.type, enabled=False):
-        hf = h.to(dtype)
-        mean_h = hf.mean(dims)
-        centred = (hf - mean_h.reshape((1, -1) + (1,) * (h.dim() - 2))).transpose(0, 1).reshape(h.shape[1], -1)
-        cov = centred @ centred.t() / count
-        mean = w @ mean_h
+        mean_h = h.to(stats).mean(dims)
+        centred = h.to(work) - mean_h.to(work).reshape(view)
+        flat = centred.to(stats).transpose(0, 1).reshape(h.shape[1], -1)
+        cov = flat @ flat.t() / count
         var = ((w @ cov) * w).sum(1)
         scale = torch.rsqrt(var + bn.eps)
         if bn.affine:
-            scale = scale * bn.weight.to(dtype)
-        shift = -mean * scale + (bn.bias.to(dtype) if bn.affine else 0.0)
+            scale = scale * bn.weight.to(stats)
+        beta = bn.bias.to(stats) if bn.affine else torch.zeros_like(scale)
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            bn.running_mean.mul_(1 - m).add_(mean.detach().to(bn.running_mean.dtype), alpha=m)
+            bn.running_mean.mul_(1 - m).add_((w @ mean_h).detach().to(bn.running_mean.dtype), alpha=m)
             unbiased = var.detach() * (count / max(count - 1, 1))
             bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
-    return scale, shift
+    return scale, beta, centred
 
 
 def _tuple3(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3
+
+
+def _local_batchnorm(m) -> bool:
+    """A BatchNorm whose batch statistics are those of the local batch (not SyncBatchNorm, which reduces them
+    across processes)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
 
 
 def _clamp_range(act: nn.Module) -> tuple[float, float] | None:
@@ -194,7 +206,7 @@ def batchnorm_act(z: torch.Tensor, adn: nn.Module | None) -> torch.Tensor:
     bn, act = getattr(adn, "N", None), getattr(adn, "A", None)
     rest = [name for name, m in adn.named_children() if name not in ("N", "A") and not isinstance(m, nn.Identity)]
     bounds = _clamp_range(act) if act is not None else None
-    if (rest or bounds is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not torch.is_grad_enabled()
+    if (rest or bounds is None or not _local_batchnorm(bn) or not torch.is_grad_enabled()
             or torch.compiler.is_compiling()  # the compiler's partitioner chooses what to keep
             or not (bn.training or bn.running_mean is None) or list(adn.children()).index(bn) > list(adn.children()).index(act)):
         return adn(z)
@@ -675,9 +687,9 @@ class MKIR(nn.Module):
         """Why :meth:`forward_lean` computes project, BatchNorm and shortcut separately, or None when it merges them."""
         adn = getattr(self.project, "adn", None)
         bn = getattr(adn, "N", None) if adn is not None else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or any(
+        if not _local_batchnorm(bn) or any(
                 not isinstance(m, nn.Identity) for name, m in adn.named_children() if name != "N"):
-            return "the project conv is not followed by BatchNorm alone"
+            return "the project conv is not followed by BatchNorm alone (not SyncBatchNorm)"
         if self.project.conv.bias is not None:
             return "the project conv has a bias"
         sc = self.shortcut
@@ -695,8 +707,8 @@ class MKIR(nn.Module):
         block whose hidden and input channels together are fewer than its output's (the first encoder stage: 2 + 1 →
         16) the project conv's BatchNorm uses batch statistics computed from the hidden channels
         (:func:`batchnorm_of_pointwise`), so project, BatchNorm, shortcut and sum are one 1×1 conv over
-        ``[hidden, input]`` with weights ``[scale · W_2, W_s]`` and bias ``shift``: the output is then the only
-        full-width tensor. The same function, gradients and running statistics as :meth:`forward` (up to rounding); in
+        ``[hidden − mean(hidden), input]`` with weights ``[scale · W_2, W_s]`` and bias ``β``: the output is then the
+        only full-width tensor. The same function, gradients and running statistics as :meth:`forward` (up to rounding); in
         eval mode or with autograd off it is :meth:`forward`."""
         if not (self.training and torch.is_grad_enabled()):
             return self.forward(x)
@@ -706,14 +718,15 @@ class MKIR(nn.Module):
             out = self.project(h)
             return out + self.shortcut(x) if self.residual else out
         w = self.project.conv.weight
-        scale, shift = batchnorm_of_pointwise(h, w, self.project.adn.N)
+        scale, shift, centred = batchnorm_of_pointwise(h, w, self.project.adn.N)
         wcat = scale.reshape((-1,) + (1,) * (w.dim() - 1)) * w.to(scale.dtype)
-        inputs = h
+        inputs = centred
         if self.residual:
             wcat = torch.cat([wcat, self.shortcut.weight.to(scale.dtype)], 1)
-            inputs = torch.cat([h, x.to(h.dtype)], 1)
-        if not torch.is_autocast_enabled(x.device.type):  # under autocast the conv casts both itself
-            wcat, shift = wcat.to(inputs.dtype), shift.to(inputs.dtype)
+            inputs = torch.cat([centred, x.to(centred.dtype)], 1)
+        # under autocast the conv casts float32 weights itself (it leaves float64 alone)
+        target = torch.float32 if torch.is_autocast_enabled(x.device.type) else inputs.dtype
+        wcat, shift = wcat.to(target), shift.to(target)
         return (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3](inputs, wcat, shift)
 
     @torch.jit.unused
