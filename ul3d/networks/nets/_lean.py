@@ -33,13 +33,13 @@ def linear_source_weights(in_size: int, out_size: int, align_corners: bool, devi
     """(i0, i1, λ) per output row of a linear interpolation from ``in_size`` to ``out_size`` rows, as
     ``F.interpolate(size=...)`` computes them in ``dtype`` (its accumulation type: float32, or float64 for float64
     inputs): ``out[j] = (1 − λ_j) · in[i0_j] + λ_j · in[i1_j]``."""
+    # Python scalars, not device tensors: no host-to-device copy (a CUDA-graph capture refuses one); an op with a
+    # Python float runs in ``dtype``, as F.interpolate's ``scale`` does
     dst = torch.arange(out_size, device=device, dtype=dtype)
     if align_corners:
-        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-        src = dst * torch.tensor(scale, dtype=dtype, device=device)
+        src = dst * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
     else:
-        scale = torch.tensor(in_size / out_size, dtype=dtype, device=device)
-        src = ((dst + 0.5) * scale - 0.5).clamp_min(0.0)
+        src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp_min(0.0)
     i0 = src.floor().long().clamp_max(in_size - 1)
     i1 = (i0 + 1).clamp_max(in_size - 1)
     return i0, i1, src - i0.to(dtype)
