@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = ["linear_source_weights", "max_pool_keeping_indices", "slab_rows", "upsample_relu_head"]
 
-_MODES = {1: "linear", 2: "bilinear"}  # interpolation of the axes after the first
+_MODES = {0: "linear", 1: "bilinear", 2: "trilinear"}  # by the number of spatial axes minus one
 
 
 def linear_source_weights(in_size: int, out_size: int, align_corners: bool, device: torch.device,
@@ -58,7 +58,7 @@ def _slab(x: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor
     y = x.index_select(2, i0).to(lam.dtype) * (1.0 - lam) + x.index_select(2, i1).to(lam.dtype) * lam
     if rest:
         n, c, d = y.shape[:3]
-        y = F.interpolate(y.reshape(n, c * d, *y.shape[3:]), size=rest, mode=_MODES[len(rest)],
+        y = F.interpolate(y.reshape(n, c * d, *y.shape[3:]), size=rest, mode=_MODES[len(rest) - 1],
                           align_corners=align_corners).reshape(n, c, d, *rest)
     y = y.to(x.dtype)
     return head(torch.relu(y) if relu else y)
@@ -83,9 +83,12 @@ def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, rel
 
     With autograd off, a channels-last 3D ``x`` and a 1×1 conv head, each slab stays channels-last from end to end
     (two source slices, a bilinear upsampling of the slab's rows, ReLU in place, the head as one matrix product) and
-    is written into a channels-last output: ``ul3d predict``'s CPU path, where the slab stays in cache.
+    is written into a contiguous output: ``ul3d predict``'s CPU path, where the slab stays in cache.
     """
     size = [int(s) for s in size]
+    if _pointwise_head(head) is None:  # slabs are exact only for a head that is pointwise in space
+        y = F.interpolate(x, size=size, mode=_MODES.get(x.dim() - 3, "trilinear"), align_corners=align_corners)
+        return head(torch.relu(y) if relu else y)
     if (not torch.is_grad_enabled() and x.dim() == 5 and x.shape[0] * x.shape[1] > 1
             and x.is_contiguous(memory_format=torch.channels_last_3d) and _pointwise_head(head) is not None):
         return _channels_last_slabs(x, size, head, relu, align_corners, slab_elements)
@@ -142,7 +145,8 @@ def _channels_last_slabs(x: torch.Tensor, size: list[int], head: nn.Module, relu
     i0, i1, lam = (t.tolist() for t in linear_source_weights(int(x.shape[2]), d, align_corners, x.device))
     last = x.movedim(1, -1)  # (N, D', H', W', C), contiguous
     dtype = torch.promote_types(x.dtype, weight.dtype)
-    out = torch.empty((n, weight.shape[0], d, h, w), dtype=dtype, device=x.device)
+    autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+    out = torch.empty((n, weight.shape[0], d, h, w), dtype=autocast or dtype, device=x.device)
     wb = weight.to(dtype).expand(n, -1, -1)
     bb = None if bias is None else bias.to(dtype).reshape(1, -1, 1)
     exact = not align_corners and h == 2 * hs and w == 2 * ws
@@ -180,6 +184,7 @@ class _MaxPoolIndices(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
         n, c = ctx.input_shape[:2]
