@@ -251,8 +251,7 @@ class MKIRA(nn.Module):
     @torch.jit.unused
     def forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` with the MKIR's :meth:`~ul3d.networks.blocks.MKIR.forward_lean` (less kept for backward)."""
-        lean = getattr(self.mkir, "forward_lean", None)
-        return self.mkir(self.cmfa(x)) if lean is None else lean(self.cmfa(x))
+        return getattr(self.mkir, "forward_lean", self.mkir)(self.cmfa(x))
 
 
 class GAG(nn.Module):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv
+from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -110,6 +111,20 @@ def _pointwise_block(block: nn.Module, x: torch.Tensor, conv=pointwise_conv) -> 
     return y if adn is None else adn(y)
 
 
+def _batchnorm_step(bn: nn.modules.batchnorm._BatchNorm, count: int, shape: list[int]) -> float:
+    """What ``bn``'s training forward does before normalising with batch statistics of ``count`` values per channel:
+    refuse a single value per channel, count the batch and return the running-statistics factor (``momentum``, or the
+    cumulative average's ``1 / num_batches_tracked``, which BatchNorm also reads on the host)."""
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return momentum
+
+
 def batchnorm_of_pointwise(h: torch.Tensor, weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training-mode BatchNorm of a bias-free 1×1 conv's output, ``BN(W h) = scale · (W h_c) + β`` with
@@ -131,8 +146,7 @@ def batchnorm_of_pointwise(h: torch.Tensor, weight: torch.Tensor, bn: nn.modules
     work = torch.promote_types(h.dtype, torch.float32)
     w = weight.reshape(weight.shape[0], -1).to(stats)
     view = (1, -1) + (1,) * (h.dim() - 2)
-    if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(h.shape)}")
+    m = _batchnorm_step(bn, count, list(h.shape))
     with torch.autocast(h.device.type, enabled=False):
         # one cast of h: the gradients of the mean and of the centring then meet in float64, as BatchNorm's do in its
         # float32 kernel (two casts would add them in h's dtype: bf16 gradients 1.5-5x less accurate)
@@ -149,16 +163,10 @@ def batchnorm_of_pointwise(h: torch.Tensor, weight: torch.Tensor, bn: nn.modules
         beta = bn.bias.to(stats) if bn.affine else torch.zeros_like(scale)
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
             bn.running_mean.mul_(1 - m).add_((w @ mean_h).detach().to(bn.running_mean.dtype), alpha=m)
             unbiased = var.detach() * (count / max(count - 1, 1))
             bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
     return scale, beta, centred
-
-
-def _tuple3(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * 3
 
 
 def _local_batchnorm(m) -> bool:
@@ -213,18 +221,13 @@ def batchnorm_act(z: torch.Tensor, adn: nn.Module | None) -> torch.Tensor:
     bn, act = getattr(adn, "N", None), getattr(adn, "A", None)
     rest = [name for name, m in adn.named_children() if name not in ("N", "A") and not isinstance(m, nn.Identity)]
     bounds = _clamp_range(act) if act is not None else None
+    children = list(adn.children())
     if (rest or bounds is None or not _local_batchnorm(bn) or not torch.is_grad_enabled()
             or torch.compiler.is_compiling()  # the compiler's partitioner chooses what to keep
-            or not (bn.training or bn.running_mean is None) or list(adn.children()).index(bn) > list(adn.children()).index(act)):
+            or not (bn.training or bn.running_mean is None) or children.index(bn) > children.index(act)):
         return adn(z)
     bn._check_input_dim(z)
-    if bn.training and z.numel() // z.shape[1] <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average, as BatchNorm (which also reads the count on the host)
-            momentum = 1.0 / float(bn.num_batches_tracked)
+    momentum = _batchnorm_step(bn, z.numel() // z.shape[1], list(z.shape)) if bn.training else 0.0
     stats = (bn.running_mean, bn.running_var) if bn.training and bn.track_running_stats else (None, None)
     return _BatchNormClampFn.apply(z, bn.weight, bn.bias, *stats, momentum, bn.eps, *bounds)
 
@@ -761,8 +764,9 @@ class MKIR(nn.Module):
         if not isinstance(pool, nn.MaxPool3d) or x.dim() != 5 or any(int(s) % 2 for s in x.shape[2:]):
             return False
         k, st = pool.kernel_size, pool.stride if pool.stride is not None else pool.kernel_size
-        return all(v == 2 for v in _tuple3(k) + _tuple3(st)) and all(v == 0 for v in _tuple3(pool.padding)) \
-            and all(v == 1 for v in _tuple3(pool.dilation)) and not pool.return_indices
+        k, st, pad, dil = (ensure_tuple_rep(v, 3) for v in (k, st, pool.padding, pool.dilation))
+        return all(v == 2 for v in k + st) and all(v == 0 for v in pad) and all(v == 1 for v in dil) \
+            and not pool.return_indices
 
     @staticmethod
     def _pooled_stem_slabs(h: torch.Tensor, x: torch.Tensor, wcat: torch.Tensor, bias: torch.Tensor | None

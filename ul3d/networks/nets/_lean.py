@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -90,7 +91,7 @@ def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, rel
         y = F.interpolate(x, size=size, mode=_MODES.get(x.dim() - 3, "trilinear"), align_corners=align_corners)
         return head(torch.relu(y) if relu else y)
     if (not torch.is_grad_enabled() and x.dim() == 5 and x.shape[0] * x.shape[1] > 1
-            and x.is_contiguous(memory_format=torch.channels_last_3d) and _pointwise_head(head) is not None):
+            and x.is_contiguous(memory_format=torch.channels_last_3d)):
         return _channels_last_slabs(x, size, head, relu, align_corners, slab_elements)
     rest = size[1:]
     i0, i1, lam = linear_source_weights(int(x.shape[2]), size[0], align_corners, x.device,
@@ -200,13 +201,9 @@ def max_pool_keeping_indices(x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
     if not (isinstance(pool, nn.modules.pooling._MaxPoolNd) and torch.is_grad_enabled() and x.requires_grad):
         return pool(x)
     dims = x.dim() - 2
-    kernel = _expand(pool.kernel_size, dims)
-    stride = _expand(pool.stride if pool.stride is not None else pool.kernel_size, dims)
-    if any(p != 0 for p in _expand(pool.padding, dims)) or any(d != 1 for d in _expand(pool.dilation, dims)) \
-            or any(s < k for s, k in zip(stride, kernel)) or pool.return_indices:
+    kernel, stride, padding, dilation = (ensure_tuple_rep(v, dims) for v in (
+        pool.kernel_size, pool.stride if pool.stride is not None else pool.kernel_size, pool.padding, pool.dilation))
+    if any(p != 0 for p in padding) or any(d != 1 for d in dilation) or any(s < k for s, k in zip(stride, kernel)) \
+            or pool.return_indices:
         return pool(x)
     return _MaxPoolIndices.apply(x, kernel, stride, bool(pool.ceil_mode))
-
-
-def _expand(v, n: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
