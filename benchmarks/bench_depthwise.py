@@ -10,6 +10,11 @@ For a depth-wise ``k³`` convolution on ``(2, C, 96, 96, 96)`` (bf16) it times f
 * ``dense_group``: ``groups=C//2`` with 2 input channels per group (cuDNN's grouped path; a different function,
   shown only as the speed cuDNN reaches on a nearby shape);
 and BatchNorm3d forward+backward in bf16/fp32, channels-first and channels_last. Prints a table, writes JSON.
+
+``--mkdc`` instead times inference's whole MKDC (Eq. 2, BatchNorm folded: branches 1³, 3³, 5³, bias, ReLU6, sum,
+channel shuffle) on ``(4, C, S³)`` bf16: PyTorch's convs and element-wise ops, ul3d's Triton depth-wise convs with
+PyTorch's element-wise ops, and :func:`ul3d.networks.depthwise.multikernel_depthwise`'s one kernel at several tile
+sizes and warp counts.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ul3d.networks.depthwise import depthwise_conv
+from ul3d.networks import depthwise as dwmod
+from ul3d.networks.depthwise import depthwise_conv, multikernel_depthwise
 
 
 def _time(fn, iters: int = 20) -> float:
@@ -50,15 +56,58 @@ def dw2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, d, c, h, wd).transpose(1, 2)
 
 
+def bench_mkdc(a, dev: torch.device) -> None:
+    rows = []
+    saved = dwmod.MKDC_TILE, dwmod.MKDC_WARPS
+    for c in a.channels:
+        x = torch.randn(4, c, a.size, a.size, a.size, device=dev, dtype=torch.bfloat16)
+        ws = [torch.randn(c, 1, k, k, k, device=dev) / k ** 1.5 for k in (1, 3, 5)]
+        bs = [torch.randn(c, device=dev) for _ in ws]
+        bounds = [(0.0, 6.0)] * 3
+
+        def separate(triton: bool):
+            out = None
+            for w, b in zip(ws, bs):
+                y = (depthwise_conv(x, w.to(x.dtype), b.to(x.dtype)) if triton else
+                     F.conv3d(x, w.to(x.dtype), b.to(x.dtype), padding=w.shape[-1] // 2, groups=c)).clamp(0, 6)
+                out = y if out is None else out + y
+            return out.unflatten(1, (2, c // 2)).transpose(1, 2).flatten(1, 2)
+
+        ref = multikernel_depthwise(x.float(), ws, bs, bounds, 2, triton=False)
+        variants = {"pytorch": lambda: separate(False), "triton dw + pytorch": lambda: separate(True)}
+        for tile, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (512, 8), (1024, 4), (1024, 8)):
+            def fused(tile=tile, warps=warps):
+                dwmod.MKDC_TILE, dwmod.MKDC_WARPS = tile, warps
+                return multikernel_depthwise(x, ws, bs, bounds, 2)
+            variants[f"fused tile {tile} warps {warps}"] = fused
+        for name, fn in variants.items():
+            with torch.no_grad():
+                err = (fn().float() - ref).abs().max().item()
+                rows.append({"op": "mkdc 1,3,5 inference", "channels": c, "size": a.size, "variant": name,
+                             "fwd_ms": _time(fn), "max_abs_diff_vs_fp32": err})
+            print(json.dumps(rows[-1]), flush=True)
+    dwmod.MKDC_TILE, dwmod.MKDC_WARPS = saved
+    print("\n| C | size | variant | fwd ms | max abs diff |\n|---:|---:|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['channels']} | {r['size']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['max_abs_diff_vs_fp32']:.3g} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--channels", type=int, nargs="+", default=[32])
     p.add_argument("--kernels", type=int, nargs="+", default=[3, 5])
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--out", default=None)
+    p.add_argument("--mkdc", action="store_true", help="time inference's whole MKDC instead (see above)")
     a = p.parse_args()
     dev = torch.device("cuda")
     rows = []
+    if a.mkdc:
+        return bench_mkdc(a, dev)
     for c in a.channels:
         shape = (2, c, a.size, a.size, a.size)
         for k in a.kernels:

@@ -1,13 +1,13 @@
 """Triton kernels of :mod:`ul3d.networks.depthwise` (imported only when they run: importing Triton takes time).
 
-Both kernels read a zero-padded copy of the input (``k//2`` on each side), so every kernel tap is one load at a fixed
+The kernels read a zero-padded copy of the input (``k//2`` on each side), so every kernel tap is one load at a fixed
 offset from the tile's pointers, with one mask (the output tile's bounds) shared by all taps.
 """
 
 import triton
 import triton.language as tl
 
-__all__ = ["dw_forward", "dw_weight_grad"]
+__all__ = ["dw_forward", "dw_weight_grad", "mkdc_forward", "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
 
@@ -112,3 +112,113 @@ def dw_weight_grad(xp_ptr, g_ptr, part_ptr, C, D, H, W, TH, TW, NC, T, TPS,
     _put(out, a4, 4, KW)
     _put(out, a5, 5, KW)
     _put(out, a6, 6, KW)
+
+
+@triton.jit
+def _branch_tap(acc, xv, w_ptr, kd: tl.constexpr, kh: tl.constexpr, kw: tl.constexpr,
+                MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
+                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+    """acc + w[tap] · xv when tap (kd, kh, kw) of the widest MD×MH×MW kernel lies inside this branch's centred
+    KD×KH×KW kernel (decided at compile time; KD = 0: no such branch). ``w_ptr``: the branch's taps of the channel."""
+    if KD > 0:
+        if (kd - (MD - KD) // 2 >= 0) & (kd - (MD - KD) // 2 < KD):
+            if (kh - (MH - KH) // 2 >= 0) & (kh - (MH - KH) // 2 < KH):
+                if (kw - (MW - KW) // 2 >= 0) & (kw - (MW - KW) // 2 < KW):
+                    tap = ((kd - (MD - KD) // 2) * KH + kh - (MH - KH) // 2) * KW + kw - (MW - KW) // 2
+                    acc += tl.load(w_ptr + tap) * xv
+    return acc
+
+
+@triton.jit(do_not_specialize=_INTS + ["NPG", "G", "lo0", "hi0", "lo1", "hi1", "lo2", "hi2"])
+def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, hi0, lo1, hi1, lo2, hi2,
+                 MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
+                 K0D: tl.constexpr, K0H: tl.constexpr, K0W: tl.constexpr,
+                 K1D: tl.constexpr, K1H: tl.constexpr, K1W: tl.constexpr,
+                 K2D: tl.constexpr, K2H: tl.constexpr, K2W: tl.constexpr,
+                 BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Eq. 2 with BatchNorm folded, in one pass: ``y[n, s(c), p] = Σ_b clamp(Σ_t w_b[c, t] xp[n, c, p + t] + b_b[c],
+    lo_b, hi_b)`` for up to three depth-wise branches of centred odd kernels (K{b}D = 0: branch absent), every branch
+    reading the same loads of the zero-padded input (padded for the widest kernel MD×MH×MW), fp32 accumulation, and
+    the channel shuffle applied by the store (``s(c) = (c mod NPG)·G + c div NPG``). ``w``: (C, taps of branch 0,
+    1, 2) float32; ``b``: (3, C) float32."""
+    tile = tl.program_id(0)
+    nc = tl.program_id(1)
+    c = nc % C
+    n = nc // C
+    Hp = H + MH - 1
+    Wp = W + MW - 1
+    out_off, in_off, mask = _tile(tile, D, H, W, TH, TW, MD, MH, MW, BD, BH, BW)
+    xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + in_off
+    T0: tl.constexpr = K0D * K0H * K0W
+    T1: tl.constexpr = K1D * K1H * K1W
+    ws0 = w_ptr + c * (T0 + T1 + K2D * K2H * K2W)
+    ws1 = ws0 + T0
+    ws2 = ws1 + T1
+    a0 = tl.zeros((BD, BH, BW), dtype=tl.float32)
+    a1 = tl.zeros((BD, BH, BW), dtype=tl.float32)
+    a2 = tl.zeros((BD, BH, BW), dtype=tl.float32)
+    for kd in tl.static_range(MD):
+        for kh in tl.static_range(MH):
+            for kw in tl.static_range(MW):
+                xv = tl.load(xs + (kd * Hp * Wp + kh * Wp + kw), mask=mask, other=0.0).to(tl.float32)
+                a0 = _branch_tap(a0, xv, ws0, kd, kh, kw, MD, MH, MW, K0D, K0H, K0W)
+                a1 = _branch_tap(a1, xv, ws1, kd, kh, kw, MD, MH, MW, K1D, K1H, K1W)
+                a2 = _branch_tap(a2, xv, ws2, kd, kh, kw, MD, MH, MW, K2D, K2H, K2W)
+    out = tl.minimum(tl.maximum(a0 + tl.load(b_ptr + c), lo0), hi0)
+    if K1D > 0:
+        out += tl.minimum(tl.maximum(a1 + tl.load(b_ptr + C + c), lo1), hi1)
+    if K2D > 0:
+        out += tl.minimum(tl.maximum(a2 + tl.load(b_ptr + 2 * C + c), lo2), hi2)
+    oc = (c % NPG) * G + c // NPG
+    tl.store(y_ptr + (n * C + oc).to(tl.int64) * D * H * W + out_off, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["C", "K", "d", "h", "w", "D", "H", "W"])
+def upsample_relu_pointwise(x_ptr, i0_ptr, i1_ptr, lam_ptr, wt_ptr, b_ptr, y_ptr, C, K, d, h, w, D, H, W,
+                            RELU: tl.constexpr, HAS_BIAS: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+    """``y[n, k, p] = b[k] + Σ_c wt[k, c] · relu(trilinear(x[n, c])(p))`` over BLOCK output voxels (program 0: voxel
+    block, 1: n). The interpolation's source indices and weights per output row come from tables (axis D at
+    ``[0, D)``, H at ``[D, D + H)``, W after them: :func:`~ul3d.networks.nets._lean.linear_source_weights`); KP ≥ K
+    accumulators per voxel, float32."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    m = p < D * H * W
+    ow = p % W
+    oh = (p // W) % H
+    od = p // (W * H)
+    d0 = tl.load(i0_ptr + od, mask=m, other=0)
+    d1 = tl.load(i1_ptr + od, mask=m, other=0)
+    ld = tl.load(lam_ptr + od, mask=m, other=0.0)
+    h0 = tl.load(i0_ptr + D + oh, mask=m, other=0)
+    h1 = tl.load(i1_ptr + D + oh, mask=m, other=0)
+    lh = tl.load(lam_ptr + D + oh, mask=m, other=0.0)
+    w0 = tl.load(i0_ptr + D + H + ow, mask=m, other=0)
+    w1 = tl.load(i1_ptr + D + H + ow, mask=m, other=0)
+    lw = tl.load(lam_ptr + D + H + ow, mask=m, other=0.0)
+    r00 = (d0 * h + h0) * w
+    r01 = (d0 * h + h1) * w
+    r10 = (d1 * h + h0) * w
+    r11 = (d1 * h + h1) * w
+    kk = tl.arange(0, KP)
+    km = kk < K
+    acc = tl.zeros((KP, BLOCK), dtype=tl.float32)
+    for c in range(C):
+        xb = x_ptr + (n * C + c).to(tl.int64) * d * h * w
+        v00 = (1 - lw) * tl.load(xb + r00 + w0, mask=m, other=0.0).to(tl.float32) \
+            + lw * tl.load(xb + r00 + w1, mask=m, other=0.0).to(tl.float32)
+        v01 = (1 - lw) * tl.load(xb + r01 + w0, mask=m, other=0.0).to(tl.float32) \
+            + lw * tl.load(xb + r01 + w1, mask=m, other=0.0).to(tl.float32)
+        v10 = (1 - lw) * tl.load(xb + r10 + w0, mask=m, other=0.0).to(tl.float32) \
+            + lw * tl.load(xb + r10 + w1, mask=m, other=0.0).to(tl.float32)
+        v11 = (1 - lw) * tl.load(xb + r11 + w0, mask=m, other=0.0).to(tl.float32) \
+            + lw * tl.load(xb + r11 + w1, mask=m, other=0.0).to(tl.float32)
+        v = (1 - ld) * ((1 - lh) * v00 + lh * v01) + ld * ((1 - lh) * v10 + lh * v11)
+        if RELU:
+            v = tl.maximum(v, 0.0)
+        wc = tl.load(wt_ptr + kk * C + c, mask=km, other=0.0)
+        acc += wc[:, None] * v[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + kk, mask=km, other=0.0)[:, None]
+    out = y_ptr + (n * K + kk[:, None]).to(tl.int64) * D * H * W + p[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=km[:, None] & m[None, :])

@@ -18,6 +18,11 @@ per-channel scale and is computed with PyTorch element-wise ops (which ``torch.c
 :func:`depthwise_conv` runs the kernels on CUDA tensors when Triton is importable, and on CPU tensors only under
 Triton's interpreter (``TRITON_INTERPRET=1``, used by the tests on machines without a GPU); otherwise it calls
 ``torch.nn.functional.conv{1,2,3}d``. TorchScript and ONNX export always see the plain convolution modules.
+
+:func:`multikernel_depthwise` is inference's whole MKDC (Eq. 2 with its BatchNorms folded) as one kernel: every branch
+reads the same loads of the input tile, and bias, ReLU6, the branch sum and the channel shuffle happen before the one
+store (autograd off). :func:`upsample_relu_pointwise` is the decoder's last step in inference, a 1×1 head after
+ReLU after (tri)linear upsampling, as one kernel that never writes the full-resolution features.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "triton_available", "unsupported_conv", "MAX_KERNEL_W"]
+__all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "triton_available", "unsupported_conv",
+           "MAX_KERNEL_W"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
@@ -211,3 +217,111 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         w4 = weight.reshape(c, *pad, *kernel).contiguous()
         y = _depthwise_op(x5, w4).reshape(x.shape)
     return y if bias is None else y + bias.reshape(view)
+
+
+#: most branches of :func:`multikernel_depthwise`'s kernel
+MAX_BRANCHES = 3
+#: output elements per program and warps of :func:`multikernel_depthwise`'s kernel
+#: (``benchmarks/bench_depthwise.py --mkdc`` measures other settings)
+MKDC_TILE, MKDC_WARPS = 512, 4
+
+
+def _kernel3(kernel: tuple[int, ...]) -> tuple[int, int, int]:
+    return (1,) * (3 - len(kernel)) + tuple(kernel)
+
+
+def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                          bounds: list[tuple[float, float]], shuffle_groups: int = 1, triton: bool = True
+                          ) -> torch.Tensor:
+    """``CS(Σ_b clamp(DWC_b(x) + bias_b, lo_b, hi_b))``: Eq. 2's MKDC with its norms folded into the branch convs.
+
+    Args:
+        x: ``(B, C, *S)`` with 1–3 spatial dimensions.
+        weights: per branch, a depth-wise weight ``(C, 1, *k)`` with odd kernel sizes ("same" padding, stride 1).
+        biases: per branch, ``(C,)`` or None.
+        bounds: per branch, the activation's ``(lo, hi)`` (ReLU6: ``(0, 6)``; ``±inf`` for none).
+        shuffle_groups: groups of the channel shuffle after the sum (1: none).
+        triton: False computes it with PyTorch's convolutions on every device.
+
+    With Triton (CUDA, or its interpreter on the CPU), 1–3 branches and x in float32/bfloat16/float16, one kernel
+    computes it: every branch accumulates (in float32) from the same loads of the input tile, and the sum is stored
+    once into its shuffled channel. Under autocast it runs in the autocast dtype. Not differentiable (inference).
+    """
+    dims, c = x.dim() - 2, x.shape[1]
+    kernels = [tuple(w.shape[2:]) for w in weights]
+    if not 1 <= dims <= 3 or not weights or len(biases) != len(weights) or len(bounds) != len(weights) \
+            or c % shuffle_groups or any(tuple(w.shape[:2]) != (c, 1) or len(k) != dims or any(kk % 2 == 0 for kk in k)
+                                         for w, k in zip(weights, kernels)):
+        raise ValueError(f"multikernel_depthwise: input {tuple(x.shape)}, weights {[tuple(w.shape) for w in weights]}, "
+                         f"{len(biases)} biases, {len(bounds)} bounds and shuffle_groups={shuffle_groups} are not "
+                         "depth-wise branches with odd kernel sizes")
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if not triton or not triton_available(x.device) or len(weights) > MAX_BRANCHES \
+            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+        out = None
+        for w, b, (lo, hi), k in zip(weights, biases, bounds, kernels):
+            y = conv(x, w.to(x.dtype), None if b is None else b.to(x.dtype), 1, tuple(kk // 2 for kk in k), 1, c)
+            y = y.clamp(lo, hi)
+            out = y if out is None else out + y
+        return out.unflatten(1, (shuffle_groups, c // shuffle_groups)).transpose(1, 2).flatten(1, 2)
+    widest = tuple(max(k[i] for k in kernels) for i in range(dims))
+    k3 = [_kernel3(k) for k in kernels] + [(0, 0, 0)] * (MAX_BRANCHES - len(kernels))
+    m3 = _kernel3(widest)
+    lohi = [float(v) for b in bounds for v in b] + [0.0, 0.0] * (MAX_BRANCHES - len(bounds))
+    w = torch.cat([wt.reshape(c, -1).float() for wt in weights], 1).contiguous()
+    zero = torch.zeros(c, device=x.device, dtype=torch.float32)
+    b = torch.stack([zero if bb is None else bb.float() for bb in biases]
+                    + [zero] * (MAX_BRANCHES - len(biases))).contiguous()
+    n = x.shape[0]
+    x5 = x.reshape(n, c, *_kernel3(tuple(x.shape[2:]))).contiguous()
+    d, h, wd = x5.shape[2:]
+    y = torch.empty_like(x5)
+    bd, bh, bw = _blocks((d, h, wd), MKDC_TILE)
+    th, tw = -(-h // bh), -(-wd // bw)
+    _kernels().mkdc_forward[(-(-d // bd) * th * tw, n * c)](
+        _padded(x5, m3), w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi,
+        MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0], K1H=k3[1][1],
+        K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2], BD=bd, BH=bh, BW=bw, num_warps=MKDC_WARPS)
+    return y.reshape(x.shape)
+
+
+#: most output channels of :func:`upsample_relu_pointwise`'s kernel (accumulators per voxel)
+MAX_HEAD_CHANNELS = 16
+
+
+def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                            size: list[int], weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = True
+                            ) -> torch.Tensor:
+    """``conv1x1(relu(upsample(x)), weight, bias)`` as one Triton kernel (inference; needs :func:`triton_available`).
+
+    Args:
+        x: ``(B, C, *s)`` with 1–3 spatial dimensions, float32/bfloat16/float16.
+        tables: the (multi)linear upsampling's ``(i0, i1, λ)`` per output row of every spatial axis, concatenated over
+            the axes (first axis first), as :func:`~ul3d.networks.nets._lean.linear_source_weights` gives them.
+        size: the output's spatial size.
+        weight: ``(K, C)`` with ``K ≤`` :data:`MAX_HEAD_CHANNELS`; bias ``(K,)`` or None.
+
+    Each program interpolates a block of output voxels channel by channel in float32 and accumulates the head's ``K``
+    outputs, so only the ``K``-channel output is written. Under autocast the output is in the autocast dtype.
+    """
+    dims = x.dim() - 2
+    n, c = x.shape[:2]
+    k = weight.shape[0]
+    if not 1 <= dims <= 3 or len(size) != dims or tuple(weight.shape) != (k, c) or k > MAX_HEAD_CHANNELS:
+        raise ValueError(f"upsample_relu_pointwise: input {tuple(x.shape)}, size {list(size)} and weight "
+                         f"{tuple(weight.shape)} are not a 1×1 head of at most {MAX_HEAD_CHANNELS} channels")
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    src = (1,) * (3 - dims) + tuple(int(s) for s in x.shape[2:])
+    out = (1,) * (3 - dims) + tuple(int(s) for s in size)
+    pad = 3 - dims  # leading size-1 axes: index 0, weight 0
+    i0, i1, lam = (torch.cat([torch.zeros(pad, device=x.device, dtype=t.dtype), t]) for t in tables)
+    y = torch.empty((n, k, *size), device=x.device, dtype=dtype)
+    block = 256
+    total = out[0] * out[1] * out[2]
+    _kernels().upsample_relu_pointwise[(-(-total // block), n)](
+        x.contiguous(), i0.contiguous(), i1.contiguous(), lam.float().contiguous(), weight.float().contiguous(),
+        bias.float().contiguous() if bias is not None else weight, y, c, k, *src, *out,
+        RELU=bool(relu), HAS_BIAS=bias is not None, KP=max(_pow2(k), 2), BLOCK=block, num_warps=4)
+    return y

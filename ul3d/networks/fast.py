@@ -19,7 +19,7 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from .blocks.multikernel import channels_last_format, is_channels_last
+from .blocks.multikernel import channels_last_format, fold_into_conv, is_channels_last
 
 __all__ = ["CUDAGraphInference", "InferenceCopy", "accelerate", "fold_batchnorm", "fused_mkdc_count", "plain"]
 
@@ -60,6 +60,9 @@ def accelerate(
             grouped convs run as Triton depth-wise convs plus channel sums there too, and every spatial-attention conv
             as PyTorch's depth-wise conv plus a channel sum
             (:func:`~ul3d.networks.blocks.attention.one_per_group_conv`; cuDNN's generic kernel is slow on both).
+            With autograd off (inference) every MKDC whose norms are eval-mode BatchNorms (or folded) runs as one
+            kernel (:func:`~ul3d.networks.depthwise.multikernel_depthwise`), and UltraLightUNet's last upsampling,
+            ReLU and head as another (``fused_head``).
         pointwise_matmul: every MKIR computes its 1×1 convs (expand, project, shortcut) as matrix products over the
             flattened volume (cuBLAS instead of cuDNN's channels-first 3D kernels).
         outer_product: every MKIR with a one-channel input computes its 1×1 expand and shortcut convs as broadcast
@@ -107,6 +110,7 @@ def accelerate(
             m.inplace = bool(inplace)
         if isinstance(m, UltraLightUNet):
             m.slab_head = bool(merge_pointwise)
+            m.fused_head = bool(triton)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
         model = model.to(memory_format=channels_last_format(dims))
@@ -142,14 +146,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             continue
         if norm.running_mean is None:  # batch statistics at inference: nothing fixed to fold
             continue
-        scale = torch.rsqrt(norm.running_var + norm.eps)
-        if norm.affine:
-            scale = scale * norm.weight
-        shift = -norm.running_mean * scale + (norm.bias if norm.affine else 0)
-        if conv.bias is not None:
-            shift = shift + conv.bias * scale
-        conv.weight.copy_(conv.weight * scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-        conv.bias = nn.Parameter(shift.clone())
+        weight, bias = fold_into_conv(norm, conv.weight, conv.bias)
+        conv.weight.copy_(weight)
+        conv.bias = nn.Parameter(bias.clone())
         block.adn.N = nn.Identity()
     return model
 

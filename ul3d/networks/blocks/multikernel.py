@@ -17,7 +17,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..depthwise import depthwise_conv, triton_available, unsupported_conv
+from ..depthwise import MAX_BRANCHES, depthwise_conv, multikernel_depthwise, triton_available, unsupported_conv
 
 __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
            "batchnorm_act", "batchnorm_of_pointwise", "conv_act", "pointwise_conv", "outer_product_conv"]
@@ -167,6 +167,19 @@ def batchnorm_of_pointwise(h: torch.Tensor, weight: torch.Tensor, bn: nn.modules
             unbiased = var.detach() * (count / max(count - 1, 1))
             bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
     return scale, beta, centred
+
+
+def fold_into_conv(bn: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor, bias: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of one convolution computing ``bn(conv(x))`` for an eval-mode BatchNorm (running
+    statistics): ``W' = W γ/σ``, ``b' = (b − μ) γ/σ + β`` with ``σ = sqrt(var + eps)``."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift
 
 
 def _local_batchnorm(m) -> bool:
@@ -354,6 +367,10 @@ class MKDC(nn.Module):
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
         if self.triton and self.triton_unsupported() is None and triton_available(x.device):
+            if not torch.is_grad_enabled():
+                folded = self.folded_branches()
+                if folded is not None:
+                    return multikernel_depthwise(x, *folded, shuffle_groups=self.shuffle.groups)
             return self.forward_triton(x)
         if self.fused and self.fused_unsupported() is None:
             return self.forward_fused(x)
@@ -437,6 +454,36 @@ class MKDC(nn.Module):
             if why is not None:
                 return why
         return None
+
+    @torch.jit.unused
+    def folded_branches(self) -> tuple[list, list, list] | None:
+        """Every branch as ``(weight, bias, (lo, hi))`` with an eval-mode BatchNorm folded into the conv
+        (``W' = W γ/σ``, ``b' = (b − μ) γ/σ + β``) and a ReLU/ReLU6/Hardtanh (or no activation) after it, as three
+        lists for :func:`~ul3d.networks.depthwise.multikernel_depthwise`; None when a branch is anything else
+        (training-mode or instance norm, other activations, dropout, sequential branches, more than three)."""
+        if not self.parallel or len(self.branches) > MAX_BRANCHES:
+            return None
+        weights, biases, bounds = [], [], []
+        for branch in self.branches:
+            conv, adn = branch.conv, getattr(branch, "adn", None)
+            parts = {name: m for name, m in (adn.named_children() if adn is not None else ())
+                     if not isinstance(m, nn.Identity) and not (isinstance(m, nn.modules.dropout._DropoutNd)
+                                                                and not m.training)}
+            if list(parts) not in ([], ["N"], ["A"], ["N", "A"]):
+                return None
+            bn, act = parts.get("N"), parts.get("A")
+            weight, bias = conv.weight, conv.bias
+            if bn is not None:
+                if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
+                    return None
+                weight, bias = fold_into_conv(bn, weight, bias)
+            lohi = _clamp_range(act) if act is not None else (float("-inf"), float("inf"))
+            if lohi is None:
+                return None
+            weights.append(weight)
+            biases.append(bias)
+            bounds.append(lohi)
+        return weights, biases, bounds
 
     @torch.jit.unused
     def forward_triton(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,12 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..depthwise import MAX_HEAD_CHANNELS, triton_available, upsample_relu_pointwise
+
 __all__ = ["linear_source_weights", "max_pool_keeping_indices", "slab_rows", "upsample_relu_head"]
 
 _MODES = {0: "linear", 1: "bilinear", 2: "trilinear"}  # by the number of spatial axes minus one
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def linear_source_weights(in_size: int, out_size: int, align_corners: bool, device: torch.device,
@@ -66,8 +69,8 @@ def _slab(x: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor
 
 
 def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, relu: bool = True,
-                       align_corners: bool = False, slab_elements: int = 1 << 22, checkpointed: bool = False
-                       ) -> torch.Tensor:
+                       align_corners: bool = False, slab_elements: int = 1 << 22, checkpointed: bool = False,
+                       triton: bool = False) -> torch.Tensor:
     """``head(relu(F.interpolate(x, size, mode="(bi/tri)linear", align_corners)))``, one slab of output rows (first
     spatial axis) at a time.
 
@@ -81,13 +84,22 @@ def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, rel
         checkpointed: in training, keep only ``x`` for backward and recompute each slab there
             (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant; ``head`` must not draw random numbers or
             update buffers).
+        triton: with autograd off and a 1×1 head of at most 16 channels, compute it as one Triton kernel where
+            Triton runs (:func:`~ul3d.networks.depthwise.upsample_relu_pointwise`: no full-resolution features are
+            written; ``ul3d predict``'s CUDA path); where it does not, as the plain ops (no slabs).
 
     With autograd off, a channels-last 3D ``x`` and a 1×1 conv head, each slab stays channels-last from end to end
     (two source slices, a bilinear upsampling of the slab's rows, ReLU in place, the head as one matrix product) and
     is written into a contiguous output: ``ul3d predict``'s CPU path, where the slab stays in cache.
     """
     size = [int(s) for s in size]
-    if _pointwise_head(head) is None:  # slabs are exact only for a head that is pointwise in space
+    pointwise = _pointwise_head(head)
+    kernel = triton and not torch.is_grad_enabled() and triton_available(x.device) and x.dtype in _TRITON_DTYPES
+    if kernel and pointwise is not None and pointwise[0].shape[0] <= MAX_HEAD_CHANNELS:
+        axes = [linear_source_weights(int(i), int(o), align_corners, x.device) for i, o in zip(x.shape[2:], size)]
+        tables = tuple(torch.cat([a[j] for a in axes]) for j in range(3))
+        return upsample_relu_pointwise(x, tables, size, *pointwise, relu=relu)
+    if pointwise is None or (triton and not kernel):  # slabs are exact only for a head that is pointwise in space
         y = F.interpolate(x, size=size, mode=_MODES.get(x.dim() - 3, "trilinear"), align_corners=align_corners)
         return head(torch.relu(y) if relu else y)
     if (not torch.is_grad_enabled() and x.dim() == 5 and x.shape[0] * x.shape[1] > 1

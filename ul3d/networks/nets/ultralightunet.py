@@ -231,6 +231,10 @@ class UltraLightUNet(nn.Module):
         # stage's upsampling, ReLU and head run slab by slab (:func:`~ul3d.networks.nets._lean.upsample_relu_head`),
         # and the encoder stages pool through their block's ``forward_pooled`` (the stem: pooled two slices at a time)
         self.slab_head = False
+        # ``fused_head`` (``accelerate(triton=True)``, inference with autograd off): the last stage's upsampling, ReLU
+        # and head as one Triton kernel where Triton runs (:func:`~ul3d.networks.depthwise.upsample_relu_pointwise`),
+        # else as the plain modules
+        self.fused_head = False
         self._mode = interpolate_mode(spatial_dims)
 
         def make_block(cin: int, cout: int) -> nn.Module:
@@ -306,10 +310,11 @@ class UltraLightUNet(nn.Module):
                 x = checkpointed(stage, _lean(stage.block), x)
                 return upsample_relu_head(x, size, self.head, relu=stage.upsample_relu,
                                           align_corners=stage.align_corners, checkpointed=True)
-            if self.slab_head and skip is None and not supervise and not torch.is_grad_enabled() \
+            if (self.slab_head or self.fused_head) and skip is None and not supervise and not torch.is_grad_enabled() \
                     and not torch.jit.is_scripting():
                 return upsample_relu_head(stage.block(x), size, self.head, relu=stage.upsample_relu,
-                                          align_corners=stage.align_corners, slab_elements=self.SLAB_ELEMENTS)
+                                          align_corners=stage.align_corners, slab_elements=self.SLAB_ELEMENTS,
+                                          triton=self.fused_head)
             if ckpt and not torch.jit.is_scripting():
                 x = checkpointed(stage, stage, x, stage_size, skip, True)
             else:
