@@ -19,7 +19,8 @@ only, no training row); ``ckpt`` activation checkpointing of every stage (``use_
 ``merge`` inference: shuffles folded into the project convs, the stem's project + shortcut as one product, GAGs'
 grouped convs as depth-wise convs (``accelerate(merge_pointwise=True)``); ``stepgraph`` the whole training step
 (forward, loss, backward, capturable AdamW) captured once and replayed as one CUDA graph, as ``ul3d train`` with
-``train.cuda_graph`` does (training; the sliding window is the lever without it); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
+``train.cuda_graph`` does (training; the sliding window is the lever without it); ``half`` inference: the network's
+parameters in bfloat16 and the windows cast to it, no autocast (CUDA); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
 network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
@@ -58,11 +59,11 @@ CPU_LEVERS = ["plain", "fused", "pad1", "cl", "fused+cl", "foldbn", "fused+foldb
               "compile", "fused+compile", "ort", "fused+ort"]
 UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cudagraphs", "bf16", "cl+bf16", "cl+foldbn",
                "cl+foldbn+bf16", "graph", "foldbn+graph", "membudget+compile", "membudget+cudagraphs",
-               "stepgraph", "compile+stepgraph"]  # levers that apply to MONAI's UNet (no MKDC)
+               "stepgraph", "compile+stepgraph", "foldbn+graph+half"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
           "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget", "merge",
-          "stepgraph"}
-INFERENCE_ONLY = {"ort", "graph"}  # levers with no training row
+          "stepgraph", "half"}
+INFERENCE_ONLY = {"ort", "graph", "half"}  # levers with no training row
 MEMORY_BUDGET = 0.5  # ``membudget``: torch._functorch.config.activation_memory_budget
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
@@ -313,10 +314,14 @@ def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape,
         predictor = CUDAGraphInference(net)
     else:
         predictor = net
+    if "half" in toks:  # parameters in bf16 (no autocast casts), windows cast to bf16
+        net.to(torch.bfloat16)
+        predictor = (lambda inner: lambda x: inner(x.to(torch.bfloat16)))(predictor)
     vol = _fmt(torch.randn(1, 1, *shape, device=device), toks)
+    autocast = (device.type == "cuda" or "bf16" in toks) and "half" not in toks
 
-    def run():  # bf16 autocast: always on CUDA, on the CPU with the ``bf16`` token
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or "bf16" in toks):
+    def run():  # bf16 autocast: always on CUDA (but with ``half``), on the CPU with the ``bf16`` token
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             sliding_window_inference(vol, ROI, 4, predictor, overlap=overlap, mode="gaussian")
 
     t0 = time.perf_counter()

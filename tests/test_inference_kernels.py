@@ -1,0 +1,237 @@
+"""The inference kernels of ``accelerate(triton=True)`` (issue 7) compute the plain modules' function: the whole MKDC
+as one kernel, the last upsampling + ReLU + head as one kernel and the 2× max-pooling without indices. Without CUDA
+they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ul3d.networks import depthwise as dw
+from ul3d.networks.blocks.multikernel import MKDC, MKIR
+from ul3d.networks.depthwise import max_pool_2x, multikernel_depthwise, triton_available
+from ul3d.networks.fast import accelerate, fold_batchnorm
+from ul3d.networks.nets._lean import upsample_relu_head
+from ul3d.networks.nets.ultralightunet import UltraLightUNet
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="Triton is not installed")
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+INF = float("inf")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def one_row(monkeypatch):
+    """Without CUDA, one depth row per MKDC program (Triton's interpreter runs every unrolled tap in Python; the rows
+    setting is tested by test_multikernel_depthwise_is_eq2)."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setattr(dw, "MKDC_ROWS", 1)
+
+
+def _reference_mkdc(x, weights, biases, bounds, groups):
+    """Eq. 2 term by term with PyTorch's convolutions, in float64."""
+    c = x.shape[1]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    out = 0
+    for w, b, (lo, hi) in zip(weights, biases, bounds):
+        y = conv(x.double(), w.double(), None if b is None else b.double(), 1, tuple(k // 2 for k in w.shape[2:]), 1, c)
+        out = out + y.clamp(lo, hi)
+    return out.unflatten(1, (groups, c // groups)).transpose(1, 2).flatten(1, 2)
+
+
+@pytest.mark.parametrize("shape,kernels,groups,bounds,rows", [
+    ((2, 4, 5, 6, 7), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 2, [(0.0, 6.0)] * 3, 4),  # the paper's MKDC
+    ((1, 2, 3, 4, 5), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 2, [(0.0, 6.0)] * 3, 1),  # one row per program
+    ((1, 2, 7, 5, 33), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 1, [(0.0, 6.0), (0.0, INF), (-INF, INF)], 3),  # 3 + 3 + 1
+    # rows, 2 tiles along W
+    ((1, 2, 3, 4, 37), [(1, 3, 5), (3, 3, 3)], 2, [(-1.0, 1.0), (0.0, 6.0)], 4),  # anisotropic, 2 branches
+    ((1, 6, 9, 10), [(1, 1), (3, 3), (5, 5)], 3, [(0.0, 6.0)] * 3, 4),  # 2D (one row per program)
+    ((2, 2, 13), [(3,), (7,)], 1, [(0.0, 6.0)] * 2, 1),  # 1D
+    ((1, 2, 4, 4, 4), [(7, 7, 7)], 2, [(-INF, INF)], 2),  # one branch wider than the volume
+])
+def test_multikernel_depthwise_is_eq2(shape, kernels, groups, bounds, rows, monkeypatch):
+    monkeypatch.setattr(dw, "MKDC_ROWS", rows)
+    torch.manual_seed(0)
+    c = shape[1]
+    x = torch.randn(*shape, device=DEVICE)
+    weights = [torch.randn(c, 1, *k, device=DEVICE) for k in kernels]
+    biases = [torch.randn(c, device=DEVICE) if i % 2 == 0 else None for i in range(len(kernels))]
+    ref = _reference_mkdc(x, weights, biases, bounds, groups)
+    with torch.no_grad():
+        got = multikernel_depthwise(x, weights, biases, bounds, groups)
+        plain = multikernel_depthwise(x, weights, biases, bounds, groups, triton=False)
+    assert got.shape == x.shape and ref.abs().max() > 1
+    assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (plain.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_multikernel_depthwise_rejects_what_it_does_not_compute():
+    x = torch.randn(1, 4, 5, 5, 5)
+    w = torch.randn(4, 1, 3, 3, 3)
+    with pytest.raises(ValueError, match="depth-wise branches"):
+        multikernel_depthwise(x, [torch.randn(4, 1, 2, 2, 2)], [None], [(0, 6)])  # even kernel
+    with pytest.raises(ValueError, match="depth-wise branches"):
+        multikernel_depthwise(x, [w], [None, None], [(0, 6)])  # one bias too many
+    with pytest.raises(ValueError, match="shuffle_groups=3"):
+        multikernel_depthwise(x, [w], [None], [(0, 6)], shuffle_groups=3)
+
+
+def _randomise_batchnorm(module):
+    """Running statistics and affine parameters away from their initial values (so folding them is exercised)."""
+    g = torch.Generator().manual_seed(1)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return module
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_mkdc_inference_runs_one_kernel(dims, fold, monkeypatch):
+    """An eval-mode MKDC (BatchNorm folded, or folded on the fly) with autograd off runs multikernel_depthwise and
+    computes the plain forward; with autograd on it does not."""
+    torch.manual_seed(0)
+    ref = _randomise_batchnorm(MKIR(dims, 2, 6)).to(DEVICE).eval()
+    fast = accelerate(fold_batchnorm(ref) if fold else copy.deepcopy(ref), triton=True, fused_mkdc=False)
+    from ul3d.networks.blocks import multikernel
+
+    calls, kernel = [], multikernel.multikernel_depthwise
+    monkeypatch.setattr(multikernel, "multikernel_depthwise", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    x = torch.randn((1, 2) + (5,) * dims, device=DEVICE) * 2
+    with torch.no_grad():
+        a, b = ref(x), fast(x)
+    assert calls == [1]
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+    fast(x.requires_grad_())  # autograd on: the per-branch Triton path, not the inference kernel
+    assert calls == [1]
+
+
+def test_folded_branches_refuses_what_it_cannot_fold():
+    block = MKDC(3, 4).eval()
+    weights, biases, bounds = block.folded_branches()
+    assert len(weights) == 3 and bounds == [(0.0, 6.0)] * 3 and all(b is not None for b in biases)
+    assert MKDC(3, 4).train().folded_branches() is None  # batch statistics
+    assert MKDC(3, 4, norm="instance").eval().folded_branches() is None
+    assert MKDC(3, 4, act="gelu").eval().folded_branches() is None
+    assert MKDC(3, 4, parallel=False).eval().folded_branches() is None
+    assert MKDC(3, 4, kernels=(1, 3, 5, 7)).eval().folded_branches() is None  # more than three branches
+
+
+@pytest.mark.parametrize("shape,size,align_corners,relu,bias", [
+    ((2, 5, 4, 6, 7), (8, 12, 14), False, True, True),  # the network's 2× case
+    ((1, 3, 5, 6, 7), (9, 13, 10), True, True, False),  # any size, align_corners
+    ((2, 4, 6, 7), (12, 14), False, False, True),  # 2D, no ReLU
+    ((1, 3, 9), (20,), False, True, True),  # 1D
+])
+def test_upsample_relu_head_kernel_is_the_plain_function(shape, size, align_corners, relu, bias):
+    torch.manual_seed(0)
+    dims = len(size)
+    x = torch.randn(*shape, device=DEVICE)
+    head = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](shape[1], 3, 1, bias=bias).to(DEVICE)
+    mode = ("linear", "bilinear", "trilinear")[dims - 1]
+    with torch.no_grad():
+        y = F.interpolate(x, size=list(size), mode=mode, align_corners=align_corners)
+        ref = head(torch.relu(y) if relu else y)
+        got = upsample_relu_head(x, list(size), head, relu=relu, align_corners=align_corners, triton=True)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_upsample_relu_head_kernel_leaves_what_it_does_not_compute():
+    """More head channels than accumulators, a 3×3 head, autograd on: the plain ops."""
+    from ul3d.networks.nets import _lean
+
+    x = torch.randn(1, 4, 3, 3, 3, device=DEVICE)
+    calls, kernel = [], _lean.upsample_relu_pointwise
+    _lean.upsample_relu_pointwise = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    try:
+        for head, grad in ((nn.Conv3d(4, dw.MAX_HEAD_CHANNELS + 1, 1), False), (nn.Conv3d(4, 3, 3, padding=1), False),
+                           (nn.Conv3d(4, 3, 1), True)):
+            head = head.to(DEVICE)
+            with torch.set_grad_enabled(grad):
+                ref = head(torch.relu(F.interpolate(x, size=[6, 6, 6], mode="trilinear")))
+                got = upsample_relu_head(x, [6, 6, 6], head, triton=True)
+            torch.testing.assert_close(got, ref)
+    finally:
+        _lean.upsample_relu_pointwise = kernel
+    assert calls == []
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 2, 4, 4, 4), (2, 3, 7, 9), (1, 2, 11)])
+@pytest.mark.parametrize("ceil_mode", [True, False])
+def test_max_pool_2x_is_max_pool(shape, ceil_mode):
+    pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[len(shape) - 3](2, 2, ceil_mode=ceil_mode)
+    x = torch.randn(*shape, device=DEVICE)
+    x.view(-1)[3] = float("nan")  # propagates, as in PyTorch
+    with torch.no_grad():
+        got, ref = max_pool_2x(x, pool), pool(x)
+    assert got.shape == ref.shape and got.isnan().any()
+    assert torch.equal(got.nan_to_num(99.0), ref.nan_to_num(99.0))
+
+
+def test_max_pool_2x_leaves_other_pools_to_pytorch():
+    x = torch.randn(1, 2, 6, 6, 6, device=DEVICE)
+    for pool in (nn.MaxPool3d(3, 2), nn.MaxPool3d(2, 1), nn.MaxPool3d(2, 2, padding=1), nn.AvgPool3d(2)):
+        with torch.no_grad():
+            assert torch.equal(max_pool_2x(x, pool), pool(x))
+    with pytest.raises(RuntimeError):  # PyTorch's own error for a window larger than the input
+        with torch.no_grad():
+            max_pool_2x(torch.randn(1, 1, 1, 1, 1, device=DEVICE), nn.MaxPool3d(2, 2))
+
+
+@pytest.mark.parametrize("dims", [2, pytest.param(3, marks=cuda_only)])  # 3D: 2 min in Triton's interpreter
+def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
+    """A small UltraLightUNet in eval mode with autograd off: every MKDC through the one kernel, the head kernel and
+    the pooling kernel, the output as the plain network's (3D blocks are compared above without CUDA)."""
+    torch.manual_seed(0)
+    net = _randomise_batchnorm(UltraLightUNet(dims, 1, 3, channels=(4, 8, 8, 8, 8))).to(DEVICE).eval()
+    fast = accelerate(fold_batchnorm(net), triton=True, fused_mkdc=False)
+    from ul3d.networks.blocks import multikernel
+    from ul3d.networks.nets import _lean, ultralightunet
+
+    seen = []
+    for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
+                         (ultralightunet, "max_pool_2x")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
+    x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
+    with torch.no_grad():
+        a, b = net(x), fast(x)
+    assert seen.count("multikernel_depthwise") == 10 and seen.count("max_pool_2x") == 5
+    assert seen.count("upsample_relu_pointwise") == 1
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
+@cuda_only
+@pytest.mark.parametrize("variant", ["T", "base"])
+def test_network_inference_kernels_on_cuda(variant):
+    """UltraLightUNet3D at 4 × 64³: fp32 within 1e-4 of the plain network; under bf16 autocast within 2 % of the
+    output's range, and the same argmax on at least 99 % of the voxels."""
+    from ul3d.networks import get_network
+
+    torch.manual_seed(0)
+    net = get_network("ultralightunet", variant, spatial_dims=3, in_channels=1, out_channels=3)
+    net = _randomise_batchnorm(net).cuda().eval()
+    fast = accelerate(fold_batchnorm(net), triton=True, fused_mkdc=False)
+    x = torch.randn(4, 1, 64, 64, 64, device="cuda")
+    with torch.no_grad():
+        a, b = net(x), fast(x)
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            c = fast(x)
+    assert c.dtype == torch.bfloat16
+    assert (c.float() - a).abs().max() <= 0.02 * (a.max() - a.min())
+    assert (c.argmax(1) == a.argmax(1)).float().mean() >= 0.99
