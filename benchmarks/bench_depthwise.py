@@ -13,8 +13,8 @@ and BatchNorm3d forward+backward in bf16/fp32, channels-first and channels_last.
 
 ``--mkdc`` instead times inference's whole MKDC (Eq. 2, BatchNorm folded: branches 1³, 3³, 5³, bias, ReLU6, sum,
 channel shuffle) on ``(4, C, S³)`` bf16: PyTorch's convs and element-wise ops, ul3d's Triton depth-wise convs with
-PyTorch's element-wise ops, and :func:`ul3d.networks.depthwise.multikernel_depthwise`'s one kernel at several
-settings (depth rows per program, tile elements per row, warps).
+PyTorch's element-wise ops, and :func:`ul3d.networks.depthwise.multikernel_depthwise`'s one kernel at several tile
+sizes and warp counts.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def dw2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def bench_mkdc(a, dev: torch.device) -> None:
     rows = []
-    saved = dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS
+    saved = dwmod.MKDC_TILE, dwmod.MKDC_WARPS
     for c in a.channels:
         x = torch.randn(4, c, a.size, a.size, a.size, device=dev, dtype=torch.bfloat16)
         ws = [torch.randn(c, 1, k, k, k, device=dev) / k ** 1.5 for k in (1, 3, 5)]
@@ -75,19 +75,18 @@ def bench_mkdc(a, dev: torch.device) -> None:
 
         ref = multikernel_depthwise(x.float(), ws, bs, bounds, 2, triton=False)
         variants = {"pytorch": lambda: separate(False), "triton dw + pytorch": lambda: separate(True)}
-        for rows, tile, warps in ((1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 128, 4), (4, 256, 2), (4, 256, 4),
-                                  (4, 512, 4), (4, 512, 8)):
-            def fused(rows=rows, tile=tile, warps=warps):
-                dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS = rows, tile, warps
+        for tile, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (512, 8), (1024, 4), (1024, 8)):
+            def fused(tile=tile, warps=warps):
+                dwmod.MKDC_TILE, dwmod.MKDC_WARPS = tile, warps
                 return multikernel_depthwise(x, ws, bs, bounds, 2)
-            variants[f"fused rows {rows} tile {tile} warps {warps}"] = fused
+            variants[f"fused tile {tile} warps {warps}"] = fused
         for name, fn in variants.items():
             with torch.no_grad():
                 err = (fn().float() - ref).abs().max().item()
                 rows.append({"op": "mkdc 1,3,5 inference", "channels": c, "size": a.size, "variant": name,
                              "fwd_ms": _time(fn), "max_abs_diff_vs_fp32": err})
             print(json.dumps(rows[-1]), flush=True)
-    dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS = saved
+    dwmod.MKDC_TILE, dwmod.MKDC_WARPS = saved
     print("\n| C | size | variant | fwd ms | max abs diff |\n|---:|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['channels']} | {r['size']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['max_abs_diff_vs_fp32']:.3g} |")

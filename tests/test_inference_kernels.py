@@ -1,6 +1,6 @@
 """The inference kernels of ``accelerate(triton=True)`` (issue 7) compute the plain modules' function: the whole MKDC
-as one kernel, the last upsampling + ReLU + head as one kernel and the 2× max-pooling without indices. Without CUDA
-they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+as one kernel and the last upsampling + ReLU + head as one kernel. Without CUDA they run in Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 import copy
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from ul3d.networks import depthwise as dw
 from ul3d.networks.blocks.multikernel import MKDC, MKIR
-from ul3d.networks.depthwise import max_pool_2x, multikernel_depthwise, triton_available
+from ul3d.networks.depthwise import multikernel_depthwise, triton_available
 from ul3d.networks.fast import accelerate, fold_batchnorm
 from ul3d.networks.nets._lean import upsample_relu_head
 from ul3d.networks.nets.ultralightunet import UltraLightUNet
@@ -30,14 +30,6 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.fixture(autouse=True)
-def one_row(monkeypatch):
-    """Without CUDA, one depth row per MKDC program (Triton's interpreter runs every unrolled tap in Python; the rows
-    setting is tested by test_multikernel_depthwise_is_eq2)."""
-    if DEVICE.type == "cpu":
-        monkeypatch.setattr(dw, "MKDC_ROWS", 1)
-
-
 def _reference_mkdc(x, weights, biases, bounds, groups):
     """Eq. 2 term by term with PyTorch's convolutions, in float64."""
     c = x.shape[1]
@@ -49,18 +41,15 @@ def _reference_mkdc(x, weights, biases, bounds, groups):
     return out.unflatten(1, (groups, c // groups)).transpose(1, 2).flatten(1, 2)
 
 
-@pytest.mark.parametrize("shape,kernels,groups,bounds,rows", [
-    ((2, 4, 5, 6, 7), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 2, [(0.0, 6.0)] * 3, 4),  # the paper's MKDC
-    ((1, 2, 3, 4, 5), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 2, [(0.0, 6.0)] * 3, 1),  # one row per program
-    ((1, 2, 7, 5, 33), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 1, [(0.0, 6.0), (0.0, INF), (-INF, INF)], 3),  # 3 + 3 + 1
-    # rows, 2 tiles along W
-    ((1, 2, 3, 4, 37), [(1, 3, 5), (3, 3, 3)], 2, [(-1.0, 1.0), (0.0, 6.0)], 4),  # anisotropic, 2 branches
-    ((1, 6, 9, 10), [(1, 1), (3, 3), (5, 5)], 3, [(0.0, 6.0)] * 3, 4),  # 2D (one row per program)
-    ((2, 2, 13), [(3,), (7,)], 1, [(0.0, 6.0)] * 2, 1),  # 1D
-    ((1, 2, 4, 4, 4), [(7, 7, 7)], 2, [(-INF, INF)], 2),  # one branch wider than the volume
+@pytest.mark.parametrize("shape,kernels,groups,bounds", [
+    ((2, 4, 5, 6, 7), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 2, [(0.0, 6.0)] * 3),  # the paper's MKDC
+    ((1, 2, 7, 5, 33), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 1, [(0.0, 6.0), (0.0, INF), (-INF, INF)]),  # 2 tiles along W
+    ((1, 2, 3, 4, 37), [(1, 3, 5), (3, 3, 3)], 2, [(-1.0, 1.0), (0.0, 6.0)]),  # anisotropic, 2 branches
+    ((1, 6, 9, 10), [(1, 1), (3, 3), (5, 5)], 3, [(0.0, 6.0)] * 3),  # 2D
+    ((2, 2, 13), [(3,), (7,)], 1, [(0.0, 6.0)] * 2),  # 1D
+    ((1, 2, 4, 4, 4), [(7, 7, 7)], 2, [(-INF, INF)]),  # one branch wider than the volume
 ])
-def test_multikernel_depthwise_is_eq2(shape, kernels, groups, bounds, rows, monkeypatch):
-    monkeypatch.setattr(dw, "MKDC_ROWS", rows)
+def test_multikernel_depthwise_is_eq2(shape, kernels, groups, bounds):
     torch.manual_seed(0)
     c = shape[1]
     x = torch.randn(*shape, device=DEVICE)
@@ -170,48 +159,24 @@ def test_upsample_relu_head_kernel_leaves_what_it_does_not_compute():
     assert calls == []
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (1, 2, 4, 4, 4), (2, 3, 7, 9), (1, 2, 11)])
-@pytest.mark.parametrize("ceil_mode", [True, False])
-def test_max_pool_2x_is_max_pool(shape, ceil_mode):
-    pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[len(shape) - 3](2, 2, ceil_mode=ceil_mode)
-    x = torch.randn(*shape, device=DEVICE)
-    x.view(-1)[3] = float("nan")  # propagates, as in PyTorch
-    with torch.no_grad():
-        got, ref = max_pool_2x(x, pool), pool(x)
-    assert got.shape == ref.shape and got.isnan().any()
-    assert torch.equal(got.nan_to_num(99.0), ref.nan_to_num(99.0))
-
-
-def test_max_pool_2x_leaves_other_pools_to_pytorch():
-    x = torch.randn(1, 2, 6, 6, 6, device=DEVICE)
-    for pool in (nn.MaxPool3d(3, 2), nn.MaxPool3d(2, 1), nn.MaxPool3d(2, 2, padding=1), nn.AvgPool3d(2)):
-        with torch.no_grad():
-            assert torch.equal(max_pool_2x(x, pool), pool(x))
-    with pytest.raises(RuntimeError):  # PyTorch's own error for a window larger than the input
-        with torch.no_grad():
-            max_pool_2x(torch.randn(1, 1, 1, 1, 1, device=DEVICE), nn.MaxPool3d(2, 2))
-
-
-@pytest.mark.parametrize("dims", [2, pytest.param(3, marks=cuda_only)])  # 3D: 2 min in Triton's interpreter
+@pytest.mark.parametrize("dims", [2, 3])
 def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
-    """A small UltraLightUNet in eval mode with autograd off: every MKDC through the one kernel, the head kernel and
-    the pooling kernel, the output as the plain network's (3D blocks are compared above without CUDA)."""
+    """A small UltraLightUNet in eval mode with autograd off: every MKDC through the one kernel and the head kernel,
+    the output as the plain network's."""
     torch.manual_seed(0)
     net = _randomise_batchnorm(UltraLightUNet(dims, 1, 3, channels=(4, 8, 8, 8, 8))).to(DEVICE).eval()
     fast = accelerate(fold_batchnorm(net), triton=True, fused_mkdc=False)
     from ul3d.networks.blocks import multikernel
-    from ul3d.networks.nets import _lean, ultralightunet
+    from ul3d.networks.nets import _lean
 
     seen = []
-    for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
-                         (ultralightunet, "max_pool_2x")):
+    for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
     x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
     with torch.no_grad():
         a, b = net(x), fast(x)
-    assert seen.count("multikernel_depthwise") == 10 and seen.count("max_pool_2x") == 5
-    assert seen.count("upsample_relu_pointwise") == 1
+    assert seen.count("multikernel_depthwise") == 10 and seen.count("upsample_relu_pointwise") == 1
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 
