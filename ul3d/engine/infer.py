@@ -196,7 +196,8 @@ class Predictor:
             raise ValueError("path 'cuda_graph' needs a CUDA device; use --device cuda or another path")
         if path in ("auto", "cuda_graph") and cuda:
             # H200, base, 256×256×128 at overlap 0.5: 0.249 s plain bf16, 0.107 s this way (MONAI UNet 0.071 s;
-            # benchmarks/results/levers_cuda_h200_onepergroup_2026-11-23.json)
+            # benchmarks/results/levers_cuda_h200_onepergroup_2026-11-23.json), 0.082 s with the MKDC and head inference
+            # kernels (UNet 0.069 s; levers_cuda_h200_mkdc_head_kernels_2026-12-01_quick.json)
             self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, triton=True) for n in self.networks]
             self.predictors = [CUDAGraphInference(n) for n in self.networks]
             kernels = " + Triton depth-wise convs" if triton_available(self.device) else ""
