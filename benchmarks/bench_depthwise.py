@@ -56,6 +56,13 @@ def dw2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.reshape(b, d, c, h, wd).transpose(1, 2)
 
 
+def _save(path: str | None, rows: list) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
 def bench_mkdc(a, dev: torch.device) -> None:
     rows = []
     saved = dwmod.MKDC_TILE, dwmod.MKDC_WARPS
@@ -90,10 +97,7 @@ def bench_mkdc(a, dev: torch.device) -> None:
     print("\n| C | size | variant | fwd ms | max abs diff |\n|---:|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['channels']} | {r['size']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['max_abs_diff_vs_fp32']:.3g} |")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+    _save(a.out, rows)
 
 
 def main() -> None:
@@ -162,10 +166,7 @@ def main() -> None:
     print("\n| op | C | variant | fwd ms | fwd+bwd ms |\n|---|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['op']} | {r['channels']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} |")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(0),
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+    _save(a.out, rows)
 
 
 if __name__ == "__main__":
