@@ -280,6 +280,29 @@ def test_outer_product_inplace_folded_batchnorm_channels_last_network():
         assert (net(x) - fast(x.to(memory_format=torch.channels_last_3d))).abs().max() <= 1e-4
 
 
+def test_merged_network_stays_channels_last_for_a_batch_of_one(monkeypatch):
+    """A one-window batch keeps channels-last through every GAG on ``ul3d predict``'s CPU path (oneDNN's 1×1 convs
+    return a batch of one channels-first; the decoder then ran its slow channels-first kernels and the GAGs their
+    grouped convs), and the output is the plain network's."""
+    from ul3d.networks.blocks import GAG
+    from ul3d.networks.blocks.multikernel import is_channels_last
+
+    net = _with_statistics(get_network("ultralightunet", "T", spatial_dims=3, in_channels=1, out_channels=3,
+                                       init="default"), (2, 1, 32, 32, 32))
+    fast = accelerate(copy.deepcopy(net), fold_bn=True, channels_last=True, outer_product=True, fused_mkdc=False,
+                      inplace=True, merge_pointwise=True)
+    x = torch.randn(1, 1, 64, 64, 64)  # a 2³ bottleneck (a 1³ one has no layout to keep)
+    with torch.no_grad():
+        ref = net.eval()(x)
+    layouts, forward = [], GAG.forward
+    monkeypatch.setattr(GAG, "forward", lambda self, g, x: layouts.append((is_channels_last(g), is_channels_last(x)))
+                        or forward(self, g, x))
+    with torch.no_grad():
+        out = fast(x.contiguous(memory_format=torch.channels_last_3d))
+    assert len(layouts) == 4 and all(g and s for g, s in layouts), layouts
+    assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
 @pytest.mark.parametrize("dims,variant", [(3, "S"), (2, "base")])
 def test_merge_pointwise_is_the_same_function(dims, variant, monkeypatch):
     """accelerate(merge_pointwise=True) on the CPU inference path: the shuffle folded into the project conv, the

@@ -28,6 +28,15 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
+def _layout_like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` channels-last when ``x`` is and a kernel returned ``y`` channels-first (oneDNN's 1×1 convs do for a batch
+    of one: the decoder then ran channels-first, and a last one-window batch of the CPU sliding window took 1.8× the
+    time per window of a batch of four)."""
+    if is_channels_last(x) and y.dim() == x.dim() and not is_channels_last(y):
+        return y.contiguous(memory_format=channels_last_format(y.dim()))
+    return y
+
+
 def channels_last_format(ndim: int) -> torch.memory_format:
     """The channels-last memory format of ``ndim``-D tensors (5: ``channels_last_3d``, 4: ``channels_last``)."""
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
@@ -881,12 +890,12 @@ class MKIR(nn.Module):
         channels_last = is_channels_last(h)
         if channels_last:
             w = w.contiguous(memory_format=channels_last_format(w.dim()))
-        out = conv._conv_forward(h, w, conv.bias)
+        out = _layout_like(conv._conv_forward(h, w, conv.bias), h)
         if adn is not None:
             out = adn(out)
         if self.residual:
             shortcut = outer_product_conv(x, sc.weight, sc.bias) if one and isinstance(sc, nn.modules.conv._ConvNd) \
-                else sc(x)
+                else _layout_like(sc(x), x)
             out = accumulate(out, shortcut, self.inplace)
         return out if pool is None else pool(out)
 
