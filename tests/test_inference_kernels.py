@@ -184,11 +184,11 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
 @pytest.mark.parametrize("variant", ["T", "base"])
 def test_network_inference_kernels_on_cuda(variant):
     """UltraLightUNet3D at 4 × 64³: fp32 within 1e-4 of the plain network; under bf16 autocast within 2 % of the
-    output's range, and the same argmax on at least 99 % of the voxels."""
+    output's range, and the same argmax wherever the plain network's two best classes are 2 % of the range apart."""
     from ul3d.networks import get_network
 
     torch.manual_seed(0)
-    net = get_network("ultralightunet", variant, spatial_dims=3, in_channels=1, out_channels=3)
+    net = get_network("ultralightunet", variant, spatial_dims=3, in_channels=1, out_channels=3, init="default")
     net = _randomise_batchnorm(net).cuda().eval()
     fast = accelerate(fold_batchnorm(net), triton=True, fused_mkdc=False)
     x = torch.randn(4, 1, 64, 64, 64, device="cuda")
@@ -198,5 +198,9 @@ def test_network_inference_kernels_on_cuda(variant):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             c = fast(x)
     assert c.dtype == torch.bfloat16
-    assert (c.float() - a).abs().max() <= 0.02 * (a.max() - a.min())
-    assert (c.argmax(1) == a.argmax(1)).float().mean() >= 0.99
+    spread = a.max() - a.min()
+    assert (c.float() - a).abs().max() <= 0.02 * spread
+    top2 = a.topk(2, dim=1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.02 * spread
+    assert clear.float().mean() > 0.1
+    assert torch.equal(c.argmax(1)[clear], a.argmax(1)[clear])
