@@ -270,10 +270,9 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     k3 = [_kernel3(k) for k in kernels] + [(0, 0, 0)] * (MAX_BRANCHES - len(kernels))
     m3 = _kernel3(widest)
     lohi = [float(v) for b in bounds for v in b] + [0.0, 0.0] * (MAX_BRANCHES - len(bounds))
-    w = torch.cat([wt.reshape(c, -1).float() for wt in weights], 1).contiguous()
+    w = torch.cat([wt.reshape(c, -1).float() for wt in weights], 1)
     zero = torch.zeros(c, device=x.device, dtype=torch.float32)
-    b = torch.stack([zero if bb is None else bb.float() for bb in biases]
-                    + [zero] * (MAX_BRANCHES - len(biases))).contiguous()
+    b = torch.stack([zero if bb is None else bb.float() for bb in biases] + [zero] * (MAX_BRANCHES - len(biases)))
     n = x.shape[0]
     x5 = x.reshape(n, c, *_kernel3(tuple(x.shape[2:]))).contiguous()
     d, h, wd = x5.shape[2:]
@@ -321,7 +320,7 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
     block = 256
     total = out[0] * out[1] * out[2]
     _kernels().upsample_relu_pointwise[(-(-total // block), n)](
-        x.contiguous(), i0.contiguous(), i1.contiguous(), lam.float().contiguous(), weight.float().contiguous(),
+        x.contiguous(), i0, i1, lam.float(), weight.float().contiguous(),
         bias.float().contiguous() if bias is not None else weight, y, c, k, *src, *out,
         RELU=bool(relu), HAS_BIAS=bias is not None, KP=max(_pow2(k), 2), BLOCK=block, num_warps=4)
     return y
