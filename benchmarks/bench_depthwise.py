@@ -13,8 +13,8 @@ and BatchNorm3d forward+backward in bf16/fp32, channels-first and channels_last.
 
 ``--mkdc`` instead times inference's whole MKDC (Eq. 2, BatchNorm folded: branches 1³, 3³, 5³, bias, ReLU6, sum,
 channel shuffle) on ``(4, C, S³)`` bf16: PyTorch's convs and element-wise ops, ul3d's Triton depth-wise convs with
-PyTorch's element-wise ops, and :func:`ul3d.networks.depthwise.multikernel_depthwise`'s one kernel at several tile
-sizes and warp counts.
+PyTorch's element-wise ops, and :func:`ul3d.networks.depthwise.multikernel_depthwise`'s one kernel at several
+settings (depth rows per program, tile elements per row, warps).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _save(path: str | None, rows: list) -> None:
 
 def bench_mkdc(a, dev: torch.device) -> None:
     rows = []
-    saved = dwmod.MKDC_TILE, dwmod.MKDC_WARPS
+    saved = dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS
     for c in a.channels:
         x = torch.randn(4, c, a.size, a.size, a.size, device=dev, dtype=torch.bfloat16)
         ws = [torch.randn(c, 1, k, k, k, device=dev) / k ** 1.5 for k in (1, 3, 5)]
@@ -82,18 +82,18 @@ def bench_mkdc(a, dev: torch.device) -> None:
 
         ref = multikernel_depthwise(x.float(), ws, bs, bounds, 2, triton=False)
         variants = {"pytorch": lambda: separate(False), "triton dw + pytorch": lambda: separate(True)}
-        for tile, warps in ((256, 2), (256, 4), (512, 2), (512, 4), (512, 8), (1024, 4), (1024, 8)):
-            def fused(tile=tile, warps=warps):
-                dwmod.MKDC_TILE, dwmod.MKDC_WARPS = tile, warps
+        for depth_rows, tile, warps in a.mkdc_settings:
+            def fused(depth_rows=depth_rows, tile=tile, warps=warps):
+                dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS = depth_rows, tile, warps
                 return multikernel_depthwise(x, ws, bs, bounds, 2)
-            variants[f"fused tile {tile} warps {warps}"] = fused
+            variants[f"fused rows {depth_rows} tile {tile} warps {warps}"] = fused
         for name, fn in variants.items():
             with torch.no_grad():
                 err = (fn().float() - ref).abs().max().item()
                 rows.append({"op": "mkdc 1,3,5 inference", "channels": c, "size": a.size, "variant": name,
                              "fwd_ms": _time(fn), "max_abs_diff_vs_fp32": err})
             print(json.dumps(rows[-1]), flush=True)
-    dwmod.MKDC_TILE, dwmod.MKDC_WARPS = saved
+    dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS = saved
     print("\n| C | size | variant | fwd ms | max abs diff |\n|---:|---:|---|---:|---:|")
     for r in rows:
         print(f"| {r['channels']} | {r['size']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['max_abs_diff_vs_fp32']:.3g} |")
@@ -107,6 +107,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--out", default=None)
     p.add_argument("--mkdc", action="store_true", help="time inference's whole MKDC instead (see above)")
+    p.add_argument("--mkdc-settings", type=lambda v: tuple(int(i) for i in v.split(",")), nargs="+",
+                   default=[(1, 512, 4), (2, 128, 4), (2, 256, 4), (2, 512, 4), (4, 128, 4), (4, 256, 4)],
+                   metavar="ROWS,TILE,WARPS", help="--mkdc: the kernel's settings to time")
     a = p.parse_args()
     dev = torch.device("cuda")
     rows = []

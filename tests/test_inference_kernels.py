@@ -1,5 +1,5 @@
 """The inference kernels of ``accelerate(triton=True)`` (issue 7) compute the plain modules' function: the whole MKDC
-as one kernel and the last upsampling + ReLU + head as one kernel. Without CUDA they run in Triton's interpreter
+as one kernel, the last upsampling + ReLU + head as one kernel and 2× max-pooling without indices. Without CUDA they run in Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 import copy
@@ -11,7 +11,7 @@ from torch import nn
 
 from ul3d.networks import depthwise as dw
 from ul3d.networks.blocks.multikernel import MKDC, MKIR
-from ul3d.networks.depthwise import multikernel_depthwise, triton_available
+from ul3d.networks.depthwise import max_pool_2x, multikernel_depthwise, triton_available
 from ul3d.networks.fast import accelerate, fold_batchnorm
 from ul3d.networks.nets._lean import upsample_relu_head
 from ul3d.networks.nets.ultralightunet import UltraLightUNet
@@ -42,7 +42,7 @@ def _reference_mkdc(x, weights, biases, bounds, groups):
 
 
 @pytest.mark.parametrize("shape,kernels,groups,bounds", [
-    ((2, 4, 5, 6, 7), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 2, [(0.0, 6.0)] * 3),  # the paper's MKDC
+    ((2, 2, 5, 6, 7), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 2, [(0.0, 6.0)] * 3),  # the paper's MKDC
     ((1, 2, 7, 5, 33), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], 1, [(0.0, 6.0), (0.0, INF), (-INF, INF)]),  # 2 tiles along W
     ((1, 2, 3, 4, 37), [(1, 3, 5), (3, 3, 3)], 2, [(-1.0, 1.0), (0.0, 6.0)]),  # anisotropic, 2 branches
     ((1, 6, 9, 10), [(1, 1), (3, 3), (5, 5)], 3, [(0.0, 6.0)] * 3),  # 2D
@@ -164,20 +164,62 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     """A small UltraLightUNet in eval mode with autograd off: every MKDC through the one kernel and the head kernel,
     the output as the plain network's."""
     torch.manual_seed(0)
-    net = _randomise_batchnorm(UltraLightUNet(dims, 1, 3, channels=(4, 8, 8, 8, 8))).to(DEVICE).eval()
+    net = _randomise_batchnorm(UltraLightUNet(dims, 1, 3, channels=(2, 4, 4, 4, 4))).to(DEVICE).eval()
     fast = accelerate(fold_batchnorm(net), triton=True, fused_mkdc=False)
     from ul3d.networks.blocks import multikernel
     from ul3d.networks.nets import _lean
 
     seen = []
-    for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise")):
+    from ul3d.networks.nets import ultralightunet
+
+    for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
+                         (ultralightunet, "max_pool_2x")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
     x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
     with torch.no_grad():
         a, b = net(x), fast(x)
     assert seen.count("multikernel_depthwise") == 10 and seen.count("upsample_relu_pointwise") == 1
+    assert seen.count("max_pool_2x") == 5
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("shape,ceil_mode", [
+    ((2, 3, 6, 8, 10), False),  # the network's case
+    ((1, 2, 7, 5, 9), True),  # odd sizes: windows cut by the input's end
+    ((1, 2, 7, 5, 9), False),  # odd sizes: the last row dropped
+    ((2, 3, 9, 6), True),  # 2D
+    ((1, 2, 11), False),  # 1D
+])
+def test_max_pool_2x_is_the_plain_pool(shape, ceil_mode):
+    torch.manual_seed(0)
+    dims = len(shape) - 2
+    pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[dims - 1](2, ceil_mode=ceil_mode)
+    x = torch.randn(*shape, device=DEVICE)
+    x.view(-1)[3] = float("nan")  # NaN propagates as in PyTorch
+    with torch.no_grad():
+        got, ref = max_pool_2x(x, pool), pool(x)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert torch.equal(got.isnan(), ref.isnan()) and ref.isnan().any()
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+def test_max_pool_2x_leaves_what_it_does_not_compute(monkeypatch):
+    """Another window, stride or padding, indices, autograd on, float64: the pool itself."""
+    kernels = dw._kernels()
+    calls = []
+    monkeypatch.setattr(dw, "_kernels", lambda: calls.append(1) or kernels)
+    x = torch.randn(1, 2, 6, 6, 6, device=DEVICE)
+    for pool in (nn.MaxPool3d(3, 2), nn.MaxPool3d(2, 1), nn.MaxPool3d(2, padding=1), nn.MaxPool3d(2, dilation=2),
+                 nn.MaxPool3d(2, return_indices=True), nn.AvgPool3d(2)):
+        with torch.no_grad():
+            got, ref = max_pool_2x(x, pool), pool(x)
+        torch.testing.assert_close(got, ref)
+    with torch.enable_grad():
+        torch.testing.assert_close(max_pool_2x(x.requires_grad_(), nn.MaxPool3d(2)), nn.MaxPool3d(2)(x))
+    with torch.no_grad():
+        torch.testing.assert_close(max_pool_2x(x.double(), nn.MaxPool3d(2)), nn.MaxPool3d(2)(x.double()))
+    assert calls == []
 
 
 @cuda_only

@@ -7,7 +7,7 @@ offset from the tile's pointers, with one mask (the output tile's bounds) shared
 import triton
 import triton.language as tl
 
-__all__ = ["dw_forward", "dw_weight_grad", "mkdc_forward", "upsample_relu_pointwise"]
+__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
 
@@ -115,18 +115,42 @@ def dw_weight_grad(xp_ptr, g_ptr, part_ptr, C, D, H, W, TH, TW, NC, T, TPS,
 
 
 @triton.jit
-def _branch_tap(acc, xv, w_ptr, kd: tl.constexpr, kh: tl.constexpr, kw: tl.constexpr,
-                MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
-                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
-    """acc + w[tap] · xv when tap (kd, kh, kw) of the widest MD×MH×MW kernel lies inside this branch's centred
-    KD×KH×KW kernel (decided at compile time; KD = 0: no such branch). ``w_ptr``: the branch's taps of the channel."""
+def _rows_tap(a0, a1, a2, a3, xv, w_ptr, s: tl.constexpr, kh: tl.constexpr, kw: tl.constexpr,
+              MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
+              KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ROWS: tl.constexpr):
+    """One branch's accumulators of the program's ROWS output rows, given input row ``s`` at in-plane tap (kh, kw):
+    output row v gets tap ``(s − v, kh, kw)`` where that lies inside the branch's centred KD×KH×KW kernel (decided at
+    compile time; KD = 0: no such branch). ``w_ptr``: the branch's taps of the channel."""
     if KD > 0:
-        if (kd - (MD - KD) // 2 >= 0) & (kd - (MD - KD) // 2 < KD):
-            if (kh - (MH - KH) // 2 >= 0) & (kh - (MH - KH) // 2 < KH):
-                if (kw - (MW - KW) // 2 >= 0) & (kw - (MW - KW) // 2 < KW):
-                    tap = ((kd - (MD - KD) // 2) * KH + kh - (MH - KH) // 2) * KW + kw - (MW - KW) // 2
-                    acc += tl.load(w_ptr + tap) * xv
-    return acc
+        if (kh - (MH - KH) // 2 >= 0) & (kh - (MH - KH) // 2 < KH):
+            if (kw - (MW - KW) // 2 >= 0) & (kw - (MW - KW) // 2 < KW):
+                tap: tl.constexpr = (kh - (MH - KH) // 2) * KW + kw - (MW - KW) // 2
+                first: tl.constexpr = (MD - KD) // 2  # the branch's first depth tap in the widest kernel
+                if (s - first >= 0) & (s - first < KD):
+                    a0 += tl.load(w_ptr + (s - first) * KH * KW + tap) * xv
+                if ROWS > 1:
+                    if (s - 1 - first >= 0) & (s - 1 - first < KD):
+                        a1 += tl.load(w_ptr + (s - 1 - first) * KH * KW + tap) * xv
+                if ROWS > 2:
+                    if (s - 2 - first >= 0) & (s - 2 - first < KD):
+                        a2 += tl.load(w_ptr + (s - 2 - first) * KH * KW + tap) * xv
+                if ROWS > 3:
+                    if (s - 3 - first >= 0) & (s - 3 - first < KD):
+                        a3 += tl.load(w_ptr + (s - 3 - first) * KH * KW + tap) * xv
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _mkdc_row(y_ptr, a0, a1, a2, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off, mask,
+              K1D: tl.constexpr, K2D: tl.constexpr, v: tl.constexpr, ROWS: tl.constexpr):
+    """Store output row ``v``: Σ_b clamp(a_b + bias_b, lo_b, hi_b)."""
+    if v < ROWS:
+        out = tl.minimum(tl.maximum(a0 + tl.load(b_ptr + c), lo0), hi0)
+        if K1D > 0:
+            out += tl.minimum(tl.maximum(a1 + tl.load(b_ptr + C + c), lo1), hi1)
+        if K2D > 0:
+            out += tl.minimum(tl.maximum(a2 + tl.load(b_ptr + 2 * C + c), lo2), hi2)
+        tl.store(y_ptr + off, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_INTS + ["NPG", "G", "lo0", "hi0", "lo1", "hi1", "lo2", "hi2"])
@@ -135,42 +159,65 @@ def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, h
                  K0D: tl.constexpr, K0H: tl.constexpr, K0W: tl.constexpr,
                  K1D: tl.constexpr, K1H: tl.constexpr, K1W: tl.constexpr,
                  K2D: tl.constexpr, K2H: tl.constexpr, K2W: tl.constexpr,
-                 BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+                 ROWS: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """Eq. 2 with BatchNorm folded, in one pass: ``y[n, s(c), p] = Σ_b clamp(Σ_t w_b[c, t] xp[n, c, p + t] + b_b[c],
-    lo_b, hi_b)`` for up to three depth-wise branches of centred odd kernels (K{b}D = 0: branch absent), every branch
-    reading the same loads of the zero-padded input (padded for the widest kernel MD×MH×MW), fp32 accumulation, and
-    the channel shuffle applied by the store (``s(c) = (c mod NPG)·G + c div NPG``). ``w``: (C, taps of branch 0,
-    1, 2) float32; ``b``: (3, C) float32."""
+    lo_b, hi_b)`` for up to three depth-wise branches of centred odd kernels (K{b}D = 0: branch absent), in float32,
+    with the channel shuffle applied by the store (``s(c) = (c mod NPG)·G + c div NPG``). ``xp``: the input
+    zero-padded for the widest kernel MD×MH×MW; ``w``: (C, taps of branch 0, 1, 2) float32; ``b``: (3, C) float32.
+
+    A program computes ROWS (≤ 4) consecutive depth rows of a BH×BW tile of one (n, c) plane. Every load of an input
+    row serves every branch and every output row it reaches, so ROWS rows take (ROWS + MD − 1)·MH·MW loads instead of
+    ROWS·MD·MH·MW (5³, 4 rows: 200 instead of 500).
+    """
     tile = tl.program_id(0)
     nc = tl.program_id(1)
     c = nc % C
     n = nc // C
     Hp = H + MH - 1
     Wp = W + MW - 1
-    out_off, in_off, mask = _tile(tile, D, H, W, TH, TW, MD, MH, MW, BD, BH, BW)
-    xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + in_off
+    tw = tile % TW
+    th = (tile // TW) % TH
+    d0 = (tile // (TW * TH)) * ROWS
+    oh = th * BH + tl.arange(0, BH)[:, None]
+    ow = tw * BW + tl.arange(0, BW)[None, :]
+    plane = (oh < H) & (ow < W)
+    dd = d0 + tl.zeros((BH, BW), dtype=tl.int32)  # the first row's depth, as a tile (masks are tiles)
+    xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + d0 * Hp * Wp + oh * Wp + ow
     T0: tl.constexpr = K0D * K0H * K0W
     T1: tl.constexpr = K1D * K1H * K1W
     ws0 = w_ptr + c * (T0 + T1 + K2D * K2H * K2W)
     ws1 = ws0 + T0
     ws2 = ws1 + T1
-    a0 = tl.zeros((BD, BH, BW), dtype=tl.float32)
-    a1 = tl.zeros((BD, BH, BW), dtype=tl.float32)
-    a2 = tl.zeros((BD, BH, BW), dtype=tl.float32)
-    for kd in tl.static_range(MD):
+    a00 = tl.zeros((BH, BW), dtype=tl.float32)
+    a01 = tl.zeros((BH, BW), dtype=tl.float32)
+    a02 = tl.zeros((BH, BW), dtype=tl.float32)
+    a03 = tl.zeros((BH, BW), dtype=tl.float32)
+    a10 = tl.zeros((BH, BW), dtype=tl.float32)
+    a11 = tl.zeros((BH, BW), dtype=tl.float32)
+    a12 = tl.zeros((BH, BW), dtype=tl.float32)
+    a13 = tl.zeros((BH, BW), dtype=tl.float32)
+    a20 = tl.zeros((BH, BW), dtype=tl.float32)
+    a21 = tl.zeros((BH, BW), dtype=tl.float32)
+    a22 = tl.zeros((BH, BW), dtype=tl.float32)
+    a23 = tl.zeros((BH, BW), dtype=tl.float32)
+    for s in tl.static_range(ROWS + MD - 1):
+        row_ok = plane & (dd + s < D + MD - 1)
         for kh in tl.static_range(MH):
             for kw in tl.static_range(MW):
-                xv = tl.load(xs + (kd * Hp * Wp + kh * Wp + kw), mask=mask, other=0.0).to(tl.float32)
-                a0 = _branch_tap(a0, xv, ws0, kd, kh, kw, MD, MH, MW, K0D, K0H, K0W)
-                a1 = _branch_tap(a1, xv, ws1, kd, kh, kw, MD, MH, MW, K1D, K1H, K1W)
-                a2 = _branch_tap(a2, xv, ws2, kd, kh, kw, MD, MH, MW, K2D, K2H, K2W)
-    out = tl.minimum(tl.maximum(a0 + tl.load(b_ptr + c), lo0), hi0)
-    if K1D > 0:
-        out += tl.minimum(tl.maximum(a1 + tl.load(b_ptr + C + c), lo1), hi1)
-    if K2D > 0:
-        out += tl.minimum(tl.maximum(a2 + tl.load(b_ptr + 2 * C + c), lo2), hi2)
+                xv = tl.load(xs + (s * Hp * Wp + kh * Wp + kw), mask=row_ok, other=0.0).to(tl.float32)
+                a00, a01, a02, a03 = _rows_tap(a00, a01, a02, a03, xv, ws0, s, kh, kw, MD, MH, MW, K0D, K0H, K0W, ROWS)
+                a10, a11, a12, a13 = _rows_tap(a10, a11, a12, a13, xv, ws1, s, kh, kw, MD, MH, MW, K1D, K1H, K1W, ROWS)
+                a20, a21, a22, a23 = _rows_tap(a20, a21, a22, a23, xv, ws2, s, kh, kw, MD, MH, MW, K2D, K2H, K2W, ROWS)
     oc = (c % NPG) * G + c // NPG
-    tl.store(y_ptr + (n * C + oc).to(tl.int64) * D * H * W + out_off, out.to(y_ptr.dtype.element_ty), mask=mask)
+    yb = y_ptr + (n * C + oc).to(tl.int64) * D * H * W
+    off = d0 * H * W + oh * W + ow
+    _mkdc_row(yb, a00, a10, a20, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off, plane & (dd < D), K1D, K2D, 0, ROWS)
+    _mkdc_row(yb, a01, a11, a21, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + H * W, plane & (dd + 1 < D),
+              K1D, K2D, 1, ROWS)
+    _mkdc_row(yb, a02, a12, a22, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + 2 * H * W, plane & (dd + 2 < D),
+              K1D, K2D, 2, ROWS)
+    _mkdc_row(yb, a03, a13, a23, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + 3 * H * W, plane & (dd + 3 < D),
+              K1D, K2D, 3, ROWS)
 
 
 @triton.jit(do_not_specialize=["C", "K", "d", "h", "w", "D", "H", "W"])
@@ -222,3 +269,26 @@ def upsample_relu_pointwise(x_ptr, i0_ptr, i1_ptr, lam_ptr, wt_ptr, b_ptr, y_ptr
         acc += tl.load(b_ptr + kk, mask=km, other=0.0)[:, None]
     out = y_ptr + (n * K + kk[:, None]).to(tl.int64) * D * H * W + p[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=km[:, None] & m[None, :])
+
+
+@triton.jit(do_not_specialize=["d", "h", "w", "D", "H", "W"])
+def max_pool2x(x_ptr, y_ptr, d, h, w, D, H, W, BLOCK: tl.constexpr):
+    """``y[nc, p] = max`` of the (up to) 2×2×2 input voxels under output voxel p (kernel 2, stride 2; windows cut by
+    the input's end, as ``ceil_mode=True`` cuts them), over BLOCK output voxels (program 0: block, 1: n·C + c)."""
+    pid = tl.program_id(0)
+    nc = tl.program_id(1).to(tl.int64)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    m = p < D * H * W
+    ow = p % W
+    oh = (p // W) % H
+    od = p // (W * H)
+    xb = x_ptr + nc * d * h * w
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for i in tl.static_range(8):
+        zd = od * 2 + i // 4
+        zh = oh * 2 + (i // 2) % 2
+        zw = ow * 2 + i % 2
+        inside = m & (zd < d) & (zh < h) & (zw < w)
+        v = tl.load(xb + (zd * h + zh) * w + zw, mask=inside, other=float("-inf")).to(tl.float32)
+        best = tl.where((v > best) | (v != v), v, best)  # NaN propagates, as in PyTorch
+    tl.store(y_ptr + nc * D * H * W + p, best.to(y_ptr.dtype.element_ty), mask=m)

@@ -22,7 +22,8 @@ Triton's interpreter (``TRITON_INTERPRET=1``, used by the tests on machines with
 :func:`multikernel_depthwise` is inference's whole MKDC (Eq. 2 with its BatchNorms folded) as one kernel: every branch
 reads the same loads of the input tile, and bias, ReLU6, the branch sum and the channel shuffle happen before the one
 store (autograd off). :func:`upsample_relu_pointwise` is the decoder's last step in inference, a 1×1 head after
-ReLU after (tri)linear upsampling, as one kernel that never writes the full-resolution features.
+ReLU after (tri)linear upsampling, as one kernel that never writes the full-resolution features;
+:func:`max_pool_2x` inference's 2× max-pooling without the indices PyTorch's CUDA kernel always writes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "triton_available", "unsupported_conv",
+__all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "max_pool_2x", "triton_available", "unsupported_conv",
            "MAX_KERNEL_W"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
@@ -221,9 +222,10 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 #: most branches of :func:`multikernel_depthwise`'s kernel
 MAX_BRANCHES = 3
-#: output elements per program and warps of :func:`multikernel_depthwise`'s kernel
-#: (``benchmarks/bench_depthwise.py --mkdc`` measures other settings)
-MKDC_TILE, MKDC_WARPS = 512, 4
+#: depth rows, elements of each row's tile and warps per program of :func:`multikernel_depthwise`'s kernel
+#: (``benchmarks/bench_depthwise.py --mkdc`` measures other settings; H200, 4 × 32 × 48³ bf16: 0.59 ms, where
+#: 1 row × 512 took 1.02 ms and 4 rows × 256 1.18 ms)
+MKDC_ROWS, MKDC_TILE, MKDC_WARPS = 4, 128, 4
 
 
 def _kernel3(kernel: tuple[int, ...]) -> tuple[int, int, int]:
@@ -277,12 +279,15 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     x5 = x.reshape(n, c, *_kernel3(tuple(x.shape[2:]))).contiguous()
     d, h, wd = x5.shape[2:]
     y = torch.empty_like(x5)
-    bd, bh, bw = _blocks((d, h, wd), MKDC_TILE)
+    if d > 1:  # volumes: one tile shape at every size, so one compiled variant per dtype (small volumes are cheap)
+        rows, bh, bw = MKDC_ROWS, MKDC_TILE // 32, 32
+    else:
+        rows, (_, bh, bw) = 1, _blocks((1, h, wd), MKDC_TILE)
     th, tw = -(-h // bh), -(-wd // bw)
-    _kernels().mkdc_forward[(-(-d // bd) * th * tw, n * c)](
+    _kernels().mkdc_forward[(-(-d // rows) * th * tw, n * c)](
         _padded(x5, m3), w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi,
         MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0], K1H=k3[1][1],
-        K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2], BD=bd, BH=bh, BW=bw, num_warps=MKDC_WARPS)
+        K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2], ROWS=rows, BH=bh, BW=bw, num_warps=MKDC_WARPS)
     return y.reshape(x.shape)
 
 
@@ -324,3 +329,30 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
         bias.float().contiguous() if bias is not None else weight, y, c, k, *src, *out,
         RELU=bool(relu), HAS_BIAS=bias is not None, KP=max(_pow2(k), 2), BLOCK=block, num_warps=4)
     return y
+
+
+def max_pool_2x(x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+    """``pool(x)`` for a ``MaxPool{1,2,3}d`` of kernel 2, stride 2, no padding or dilation (either ``ceil_mode``) as
+    one Triton kernel with autograd off where Triton runs (PyTorch's CUDA max-pooling also writes int64 indices:
+    0.25 ms of a 6.1 ms H200 forward of UltraLightUNet3D base at 4×96³); any other pool or case runs ``pool``."""
+    dims = x.dim() - 2
+    fits = isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and not pool.return_indices \
+        and all(v == 2 for v in _tuple(pool.kernel_size, dims)) and all(v == 2 for v in _tuple(pool.stride, dims)) \
+        and all(v == 0 for v in _tuple(pool.padding, dims)) and all(v == 1 for v in _tuple(pool.dilation, dims))
+    if not fits or torch.is_grad_enabled() or not triton_available(x.device) or not 1 <= dims <= 3 \
+            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return pool(x)
+    src = (1,) * (3 - dims) + tuple(int(s) for s in x.shape[2:])
+    out = [-(-s // 2) if pool.ceil_mode else s // 2 for s in x.shape[2:]]
+    if not all(out):
+        return pool(x)  # PyTorch's error for an input smaller than the window
+    out3 = (1,) * (3 - dims) + tuple(out)
+    y = torch.empty((*x.shape[:2], *out), device=x.device, dtype=x.dtype)
+    block = 512
+    _kernels().max_pool2x[(-(-(out3[0] * out3[1] * out3[2]) // block), x.shape[0] * x.shape[1])](
+        x.contiguous(), y, *src, *out3, BLOCK=block, num_warps=4)
+    return y
+
+
+def _tuple(v, dims: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims

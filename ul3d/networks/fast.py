@@ -62,7 +62,7 @@ def accelerate(
             (:func:`~ul3d.networks.blocks.attention.one_per_group_conv`; cuDNN's generic kernel is slow on both).
             With autograd off (inference) every MKDC whose norms are eval-mode BatchNorms (or folded) runs as one
             kernel (:func:`~ul3d.networks.depthwise.multikernel_depthwise`), and UltraLightUNet's last upsampling,
-            ReLU and head as another (``fused_head``).
+            ReLU and head as another, its max-poolings without indices (``triton_kernels``).
         pointwise_matmul: every MKIR computes its 1×1 convs (expand, project, shortcut) as matrix products over the
             flattened volume (cuBLAS instead of cuDNN's channels-first 3D kernels).
         outer_product: every MKIR with a one-channel input computes its 1×1 expand and shortcut convs as broadcast
@@ -110,7 +110,7 @@ def accelerate(
             m.inplace = bool(inplace)
         if isinstance(m, UltraLightUNet):
             m.slab_head = bool(merge_pointwise)
-            m.fused_head = bool(triton)
+            m.triton_kernels = bool(triton)
     if channels_last:
         dims = next((p.dim() for p in model.parameters() if p.dim() >= 4), 5)
         model = model.to(memory_format=channels_last_format(dims))

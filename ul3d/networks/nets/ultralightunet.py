@@ -12,6 +12,7 @@ from torch import nn
 
 from ..blocks import CMFA, GAG, MKIR, MKIRA, InvertedResidual, SpatialAttention
 from ..blocks.multikernel import accumulate
+from ..depthwise import max_pool_2x
 from ._lean import max_pool_keeping_indices, upsample_relu_head
 from ._utils import as_tuple, check_input, checkpointed, init_normal_, interpolate_mode
 
@@ -231,10 +232,10 @@ class UltraLightUNet(nn.Module):
         # stage's upsampling, ReLU and head run slab by slab (:func:`~ul3d.networks.nets._lean.upsample_relu_head`),
         # and the encoder stages pool through their block's ``forward_pooled`` (the stem: pooled two slices at a time)
         self.slab_head = False
-        # ``fused_head`` (``accelerate(triton=True)``, inference with autograd off): the last stage's upsampling, ReLU
-        # and head as one Triton kernel where Triton runs (:func:`~ul3d.networks.depthwise.upsample_relu_pointwise`),
-        # else as the plain modules
-        self.fused_head = False
+        # ``triton_kernels`` (``accelerate(triton=True)``, inference with autograd off): where Triton runs, the last
+        # stage's upsampling, ReLU and head as one Triton kernel (:func:`~ul3d.networks.depthwise.upsample_relu_pointwise`;
+        # elsewhere the plain modules) and the max-pooling without indices (:func:`~ul3d.networks.depthwise.max_pool_2x`)
+        self.triton_kernels = False
         self._mode = interpolate_mode(spatial_dims)
 
         def make_block(cin: int, cout: int) -> nn.Module:
@@ -296,6 +297,8 @@ class UltraLightUNet(nn.Module):
                 x = checkpointed(stage, _pooled, stage, self.pool, x)
             elif self.slab_head and not torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = stage.forward_pooled(x, self.pool)
+            elif self.triton_kernels and not torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = max_pool_2x(stage(x), self.pool)
             else:
                 x = self.pool(stage(x))
             skips.append(x)
@@ -310,11 +313,11 @@ class UltraLightUNet(nn.Module):
                 x = checkpointed(stage, _lean(stage.block), x)
                 return upsample_relu_head(x, size, self.head, relu=stage.upsample_relu,
                                           align_corners=stage.align_corners, checkpointed=True)
-            if (self.slab_head or self.fused_head) and skip is None and not supervise and not torch.is_grad_enabled() \
+            if (self.slab_head or self.triton_kernels) and skip is None and not supervise and not torch.is_grad_enabled() \
                     and not torch.jit.is_scripting():
                 return upsample_relu_head(stage.block(x), size, self.head, relu=stage.upsample_relu,
                                           align_corners=stage.align_corners, slab_elements=self.SLAB_ELEMENTS,
-                                          triton=self.fused_head)
+                                          triton=self.triton_kernels)
             if ckpt and not torch.jit.is_scripting():
                 x = checkpointed(stage, stage, x, stage_size, skip, True)
             else:
