@@ -191,6 +191,27 @@ def fold_into_conv(bn: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor, bi
     return weight * scale.reshape(-1, *([1] * (weight.dim() - 1))), shift
 
 
+def folded_convolution(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, nn.Module | None] | None:
+    """``(weight, bias, act)`` of a MONAI ``Convolution`` (conv -> norm -> act) in inference: an eval-mode BatchNorm
+    (running statistics) folded into the conv's weight and bias (:func:`fold_into_conv`; none, or one already folded,
+    leaves them as they are) and the activation module (None: none); None for anything else (training-mode or other
+    norms, active dropout, another order of the parts)."""
+    conv, adn = getattr(block, "conv", None), getattr(block, "adn", None)
+    if not isinstance(conv, nn.modules.conv._ConvNd):
+        return None
+    parts = {name: m for name, m in (adn.named_children() if adn is not None else ())
+             if not isinstance(m, nn.Identity) and not (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training)}
+    if list(parts) not in ([], ["N"], ["A"], ["N", "A"]):
+        return None
+    bn, act = parts.get("N"), parts.get("A")
+    weight, bias = conv.weight, conv.bias
+    if bn is not None:
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
+            return None
+        weight, bias = fold_into_conv(bn, weight, bias)
+    return weight, bias, act
+
+
 def _local_batchnorm(m) -> bool:
     """A BatchNorm whose batch statistics are those of the local batch (not SyncBatchNorm, which reduces them
     across processes)."""
@@ -474,18 +495,10 @@ class MKDC(nn.Module):
             return None
         weights, biases, bounds = [], [], []
         for branch in self.branches:
-            conv, adn = branch.conv, getattr(branch, "adn", None)
-            parts = {name: m for name, m in (adn.named_children() if adn is not None else ())
-                     if not isinstance(m, nn.Identity) and not (isinstance(m, nn.modules.dropout._DropoutNd)
-                                                                and not m.training)}
-            if list(parts) not in ([], ["N"], ["A"], ["N", "A"]):
+            folded = folded_convolution(branch)
+            if folded is None:
                 return None
-            bn, act = parts.get("N"), parts.get("A")
-            weight, bias = conv.weight, conv.bias
-            if bn is not None:
-                if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
-                    return None
-                weight, bias = fold_into_conv(bn, weight, bias)
+            weight, bias, act = folded
             lohi = _clamp_range(act) if act is not None else (float("-inf"), float("inf"))
             if lohi is None:
                 return None
