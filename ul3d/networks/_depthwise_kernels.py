@@ -188,18 +188,10 @@ def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, h
     ws0 = w_ptr + c * (T0 + T1 + K2D * K2H * K2W)
     ws1 = ws0 + T0
     ws2 = ws1 + T1
-    a00 = tl.zeros((BH, BW), dtype=tl.float32)
-    a01 = tl.zeros((BH, BW), dtype=tl.float32)
-    a02 = tl.zeros((BH, BW), dtype=tl.float32)
-    a03 = tl.zeros((BH, BW), dtype=tl.float32)
-    a10 = tl.zeros((BH, BW), dtype=tl.float32)
-    a11 = tl.zeros((BH, BW), dtype=tl.float32)
-    a12 = tl.zeros((BH, BW), dtype=tl.float32)
-    a13 = tl.zeros((BH, BW), dtype=tl.float32)
-    a20 = tl.zeros((BH, BW), dtype=tl.float32)
-    a21 = tl.zeros((BH, BW), dtype=tl.float32)
-    a22 = tl.zeros((BH, BW), dtype=tl.float32)
-    a23 = tl.zeros((BH, BW), dtype=tl.float32)
+    zero = tl.zeros((BH, BW), dtype=tl.float32)
+    a00, a01, a02, a03 = zero, zero, zero, zero  # branch 0, rows 0-3
+    a10, a11, a12, a13 = zero, zero, zero, zero
+    a20, a21, a22, a23 = zero, zero, zero, zero
     for s in tl.static_range(ROWS + MD - 1):
         row_ok = plane & (dd + s < D + MD - 1)
         for kh in tl.static_range(MH):
