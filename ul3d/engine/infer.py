@@ -203,7 +203,8 @@ class Predictor:
             self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, triton=True) for n in self.networks]
             self.predictors = [CUDAGraphInference(n) for n in self.networks]
             kernels = " + Triton inference kernels" if triton_available(self.device) else ""
-            return f"cuda bf16 + folded BatchNorm{kernels} + CUDA graphs"
+            note = " (the first volume compiles the Triton kernels unless cached: 34 s on an H200)" if kernels else ""
+            return f"cuda bf16 + folded BatchNorm{kernels} + CUDA graphs{note}"
         if path in ("auto", "channels_last"):  # CPU: oneDNN's channels-last depth-wise convs + BatchNorm folded, and
             # one-channel 1×1 convs as broadcast multiplies, in-place activations and sums (2-core CPU, base sliding
             # window 3.8-4.2 s -> 2.6-2.8 s, benchmarks/results/levers_cpu_2core_inplace_*.json)
