@@ -449,6 +449,15 @@ def run_levers(args, device: torch.device, name: str) -> None:
     _log(f"wrote {path} after {time.perf_counter() - start:.0f}s")
 
 
+def _ops_by_device_time(prof, n: int) -> list[dict]:
+    """The ``n`` operators (grouped by input shapes) whose own kernels took the most device time in ``prof``."""
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type.name == "CPU" and getattr(e, "self_device_time_total", 0) > 0]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:160], "ms": e.self_device_time_total / 1e3, "calls": e.count}
+            for e in ops[:n]]
+
+
 def run_profile(args, device: torch.device, name: str) -> None:
     """Where one training step's time goes: CUDA kernel time by kernel name (top 15) per network and lever."""
     from torch.profiler import ProfilerActivity, profile
@@ -477,10 +486,11 @@ def run_profile(args, device: torch.device, name: str) -> None:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
                 step()
                 torch.cuda.synchronize()
-            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+            ops = _ops_by_device_time(prof, 25)
+            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
             total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
             top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:15]
             rows = [{"kernel": e.key[:120], "ms": getattr(e, "self_device_time_total", 0) / 1e3, "calls": e.count} for e in top]
@@ -490,8 +500,12 @@ def run_profile(args, device: torch.device, name: str) -> None:
                  f"{wall:.1f} ms wall")
             for r in rows:
                 print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['kernel']}", flush=True)
+            print("  by the op that launched the kernels, with its input shapes:")
+            for r in ops:
+                print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['op']}  {r['shapes']}", flush=True)
             report.append({"network": spec, "lever": lever, "what": "forward, batch 4" if infer else "training step",
-                           "cuda_ms": total, "wall_ms": wall, "launches": sum(e.count for e in events), "top": rows})
+                           "cuda_ms": total, "wall_ms": wall, "launches": sum(e.count for e in events), "top": rows,
+                           "ops": ops})
             torch.backends.cudnn.benchmark = False
             del net, step
             torch.cuda.empty_cache()
