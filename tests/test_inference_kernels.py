@@ -1,6 +1,6 @@
 """The inference kernels of ``accelerate(triton=True)`` (issue 7) compute the plain modules' function: the whole MKDC
-as one kernel, the last upsampling + ReLU + head as one kernel and 2× max-pooling without indices. Without CUDA they run in Triton's interpreter
-(tests/conftest.py sets TRITON_INTERPRET=1)."""
+as one kernel, the last upsampling + ReLU + head as one kernel and 2× max-pooling without indices. Without CUDA they run
+in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 import copy
 

@@ -37,7 +37,8 @@ CHANNEL_FILE = re.compile(r"(.+)_(\d{4})")
 # CUDA: "cuda_graph" (the fused MKDC and channels-last measured slower on an H100); CPU: channels-last memory with
 # BatchNorm folded into the convs ("channels_last"). "fused": fused MKDC; "onnxruntime": the fused network exported to
 # ONNX Runtime (CPU); "compile": fused + torch.compile; "cuda_graph": CUDA, bf16 with BatchNorm folded and ul3d's
-# Triton inference kernels (MKDC, max-pooling, last head), each window batch replayed as a CUDA graph. "plain": fp32 modules as trained.
+# Triton inference kernels (MKDC, max-pooling, last head), each window batch replayed as a CUDA graph. "plain": fp32
+# modules as trained.
 PATHS = ("auto", "plain", "fused", "channels_last", "onnxruntime", "compile", "cuda_graph")
 
 
@@ -198,8 +199,8 @@ class Predictor:
             # H200, base, 256×256×128 at overlap 0.5: 0.249 s plain bf16, 0.107 s this way (MONAI UNet 0.071 s;
             # benchmarks/results/levers_cuda_h200_onepergroup_2026-11-23.json), 0.082 s with the MKDC and head inference
             # kernels (UNet 0.069 s; levers_cuda_h200_mkdc_head_kernels_2026-12-01_quick.json), 0.070 s with the 4-row
-            # MKDC kernel and max-pooling without indices (UNet 0.070 s; levers_cuda_h200_mkdc_rows_2026-12-02_quick.json).
-            # The first call on a machine compiles the Triton kernels (34 s on an H200; Triton caches them on disk)
+            # MKDC kernel and max-pooling without indices (UNet 0.070 s;
+            # levers_cuda_h200_mkdc_rows_2026-12-02_quick.json). The first call on a machine compiles the Triton kernels (34 s on an H200; Triton caches them on disk)
             self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, triton=True) for n in self.networks]
             self.predictors = [CUDAGraphInference(n) for n in self.networks]
             kernels = " + Triton inference kernels" if triton_available(self.device) else ""

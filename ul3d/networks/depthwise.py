@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "max_pool_2x", "triton_available", "unsupported_conv",
-           "MAX_KERNEL_W"]
+__all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "max_pool_2x", "triton_available",
+           "unsupported_conv", "MAX_KERNEL_W"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7

@@ -233,8 +233,9 @@ class UltraLightUNet(nn.Module):
         # and the encoder stages pool through their block's ``forward_pooled`` (the stem: pooled two slices at a time)
         self.slab_head = False
         # ``triton_kernels`` (``accelerate(triton=True)``, inference with autograd off): where Triton runs, the last
-        # stage's upsampling, ReLU and head as one Triton kernel (:func:`~ul3d.networks.depthwise.upsample_relu_pointwise`;
-        # elsewhere the plain modules) and the max-pooling without indices (:func:`~ul3d.networks.depthwise.max_pool_2x`)
+        # stage's upsampling, ReLU and head as one Triton kernel
+        # (:func:`~ul3d.networks.depthwise.upsample_relu_pointwise`; elsewhere the plain modules) and the max-pooling
+        # without indices (:func:`~ul3d.networks.depthwise.max_pool_2x`)
         self.triton_kernels = False
         self._mode = interpolate_mode(spatial_dims)
 
@@ -313,8 +314,8 @@ class UltraLightUNet(nn.Module):
                 x = checkpointed(stage, _lean(stage.block), x)
                 return upsample_relu_head(x, size, self.head, relu=stage.upsample_relu,
                                           align_corners=stage.align_corners, checkpointed=True)
-            if (self.slab_head or self.triton_kernels) and skip is None and not supervise and not torch.is_grad_enabled() \
-                    and not torch.jit.is_scripting():
+            if (self.slab_head or self.triton_kernels) and skip is None and not supervise \
+                    and not torch.is_grad_enabled() and not torch.jit.is_scripting():
                 return upsample_relu_head(stage.block(x), size, self.head, relu=stage.upsample_relu,
                                           align_corners=stage.align_corners, slab_elements=self.SLAB_ELEMENTS,
                                           triton=self.triton_kernels)
