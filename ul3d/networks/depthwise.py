@@ -34,11 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "max_pool_2x", "triton_available",
-           "unsupported_conv", "MAX_KERNEL_W"]
+__all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "max_pool_2x", "max_pool_geometry",
+           "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
+#: tensor dtypes the Triton kernels read and write
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 _TRITON: list = []  # [triton module or None], filled on first use (a plain global: torch.compile traces it cheaply)
@@ -199,7 +201,7 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"depthwise_conv: input {tuple(x.shape)} and weight {tuple(weight.shape)} are not a "
                          "depth-wise convolution with odd kernel sizes")
     if not triton or not triton_available(x.device) or kernel[-1] > MAX_KERNEL_W \
-            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            or x.dtype not in TRITON_DTYPES:
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         return conv(x, weight, bias, 1, tuple(k // 2 for k in kernel), 1, x.shape[1])
     if torch.is_autocast_enabled(x.device.type):
@@ -257,10 +259,10 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
         raise ValueError(f"multikernel_depthwise: input {tuple(x.shape)}, weights {[tuple(w.shape) for w in weights]}, "
                          f"{len(biases)} biases, {len(bounds)} bounds and shuffle_groups={shuffle_groups} are not "
                          "depth-wise branches with odd kernel sizes")
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in TRITON_DTYPES:
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if not triton or not triton_available(x.device) or len(weights) > MAX_BRANCHES \
-            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            or x.dtype not in TRITON_DTYPES:
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
         out = None
         for w, b, (lo, hi), k in zip(weights, biases, bounds, kernels):
@@ -317,8 +319,7 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
         raise ValueError(f"upsample_relu_pointwise: input {tuple(x.shape)}, size {list(size)} and weight "
                          f"{tuple(weight.shape)} are not a 1×1 head of at most {MAX_HEAD_CHANNELS} channels")
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    src = (1,) * (3 - dims) + tuple(int(s) for s in x.shape[2:])
-    out = (1,) * (3 - dims) + tuple(int(s) for s in size)
+    src, out = _kernel3(tuple(x.shape[2:])), _kernel3(tuple(int(s) for s in size))
     pad = 3 - dims  # leading size-1 axes: index 0, weight 0
     i0, i1, lam = (torch.cat([torch.zeros(pad, device=x.device, dtype=t.dtype), t]) for t in tables)
     y = torch.empty((n, k, *size), device=x.device, dtype=dtype)
@@ -331,28 +332,34 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
     return y
 
 
+def max_pool_geometry(pool: nn.Module, dims: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(kernel, stride)`` per spatial axis of a ``MaxPool{1,2,3}d`` for ``dims``-D inputs without padding, dilation
+    or returned indices; None for any other module."""
+    if not isinstance(pool, nn.modules.pooling._MaxPoolNd) or pool.return_indices:
+        return None
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    kernel, stride, padding, dilation = (tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+                                         for v in (pool.kernel_size, stride, pool.padding, pool.dilation))
+    if any(len(v) != dims for v in (kernel, stride, padding, dilation)) or any(p != 0 for p in padding) \
+            or any(d != 1 for d in dilation):
+        return None
+    return kernel, stride
+
+
 def max_pool_2x(x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
     """``pool(x)`` for a ``MaxPool{1,2,3}d`` of kernel 2, stride 2, no padding or dilation (either ``ceil_mode``) as
     one Triton kernel with autograd off where Triton runs (PyTorch's CUDA max-pooling also writes int64 indices:
     0.25 ms of a 6.1 ms H200 forward of UltraLightUNet3D base at 4×96³); any other pool or case runs ``pool``."""
     dims = x.dim() - 2
-    fits = isinstance(pool, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and not pool.return_indices \
-        and all(v == 2 for v in _tuple(pool.kernel_size, dims)) and all(v == 2 for v in _tuple(pool.stride, dims)) \
-        and all(v == 0 for v in _tuple(pool.padding, dims)) and all(v == 1 for v in _tuple(pool.dilation, dims))
-    if not fits or torch.is_grad_enabled() or not triton_available(x.device) or not 1 <= dims <= 3 \
-            or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if not 1 <= dims <= 3 or max_pool_geometry(pool, dims) != ((2,) * dims, (2,) * dims) or torch.is_grad_enabled() \
+            or not triton_available(x.device) or x.dtype not in TRITON_DTYPES:
         return pool(x)
-    src = (1,) * (3 - dims) + tuple(int(s) for s in x.shape[2:])
     out = [-(-s // 2) if pool.ceil_mode else s // 2 for s in x.shape[2:]]
     if not all(out):
         return pool(x)  # PyTorch's error for an input smaller than the window
-    out3 = (1,) * (3 - dims) + tuple(out)
+    out3 = _kernel3(tuple(out))
     y = torch.empty((*x.shape[:2], *out), device=x.device, dtype=x.dtype)
     block = 512
     _kernels().max_pool2x[(-(-(out3[0] * out3[1] * out3[2]) // block), x.shape[0] * x.shape[1])](
-        x.contiguous(), y, *src, *out3, BLOCK=block, num_warps=4)
+        x.contiguous(), y, *_kernel3(tuple(x.shape[2:])), *out3, BLOCK=block, num_warps=4)
     return y
-
-
-def _tuple(v, dims: int) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv
-from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..depthwise import MAX_BRANCHES, depthwise_conv, multikernel_depthwise, triton_available, unsupported_conv
+from ..depthwise import (MAX_BRANCHES, depthwise_conv, max_pool_geometry, multikernel_depthwise, triton_available,
+                         unsupported_conv)
 
 __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
            "batchnorm_act", "batchnorm_of_pointwise", "conv_act", "pointwise_conv", "outer_product_conv"]
@@ -830,12 +830,8 @@ class MKIR(nn.Module):
     @staticmethod
     def _pool_fits(pool: nn.Module | None, x: torch.Tensor) -> bool:
         """Whether :meth:`_pooled_stem_slabs` computes ``pool`` on the block's output for input ``x``."""
-        if not isinstance(pool, nn.MaxPool3d) or x.dim() != 5 or any(int(s) % 2 for s in x.shape[2:]):
-            return False
-        k, st = pool.kernel_size, pool.stride if pool.stride is not None else pool.kernel_size
-        k, st, pad, dil = (ensure_tuple_rep(v, 3) for v in (k, st, pool.padding, pool.dilation))
-        return all(v == 2 for v in k + st) and all(v == 0 for v in pad) and all(v == 1 for v in dil) \
-            and not pool.return_indices
+        return isinstance(pool, nn.MaxPool3d) and x.dim() == 5 and not any(int(s) % 2 for s in x.shape[2:]) \
+            and max_pool_geometry(pool, 3) == ((2, 2, 2), (2, 2, 2))
 
     @staticmethod
     def _pooled_stem_slabs(h: torch.Tensor, x: torch.Tensor, wcat: torch.Tensor, bias: torch.Tensor | None

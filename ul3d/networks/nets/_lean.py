@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.utils import ensure_tuple_rep
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..depthwise import MAX_HEAD_CHANNELS, triton_available, upsample_relu_pointwise
+from ..depthwise import MAX_HEAD_CHANNELS, TRITON_DTYPES, max_pool_geometry, triton_available, upsample_relu_pointwise
 
 __all__ = ["linear_source_weights", "max_pool_keeping_indices", "slab_rows", "upsample_relu_head"]
 
 _MODES = {0: "linear", 1: "bilinear", 2: "trilinear"}  # by the number of spatial axes minus one
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def linear_source_weights(in_size: int, out_size: int, align_corners: bool, device: torch.device,
@@ -94,7 +92,7 @@ def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, rel
     """
     size = [int(s) for s in size]
     pointwise = _pointwise_head(head)
-    kernel = triton and not torch.is_grad_enabled() and triton_available(x.device) and x.dtype in _TRITON_DTYPES
+    kernel = triton and not torch.is_grad_enabled() and triton_available(x.device) and x.dtype in TRITON_DTYPES
     if kernel and pointwise is not None and pointwise[0].shape[0] <= MAX_HEAD_CHANNELS:
         axes = [linear_source_weights(int(i), int(o), align_corners, x.device) for i, o in zip(x.shape[2:], size)]
         tables = tuple(torch.cat([a[j] for a in axes]) for j in range(3))
@@ -210,12 +208,8 @@ class _MaxPoolIndices(torch.autograd.Function):
 def max_pool_keeping_indices(x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
     """``pool(x)`` for a ``MaxPool{1,2,3}d`` without padding or dilation whose windows do not overlap; in training
     only the argmax indices are kept for backward, not ``x``. Other pools, and calls without autograd, run ``pool``."""
-    if not (isinstance(pool, nn.modules.pooling._MaxPoolNd) and torch.is_grad_enabled() and x.requires_grad):
+    geometry = max_pool_geometry(pool, x.dim() - 2)
+    if geometry is None or not (torch.is_grad_enabled() and x.requires_grad) \
+            or any(s < k for k, s in zip(*geometry)):
         return pool(x)
-    dims = x.dim() - 2
-    kernel, stride, padding, dilation = (ensure_tuple_rep(v, dims) for v in (
-        pool.kernel_size, pool.stride if pool.stride is not None else pool.kernel_size, pool.padding, pool.dilation))
-    if any(p != 0 for p in padding) or any(d != 1 for d in dilation) or any(s < k for s, k in zip(stride, kernel)) \
-            or pool.return_indices:
-        return pool(x)
-    return _MaxPoolIndices.apply(x, kernel, stride, bool(pool.ceil_mode))
+    return _MaxPoolIndices.apply(x, *geometry, bool(pool.ceil_mode))
