@@ -173,15 +173,60 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     from ul3d.networks.nets import ultralightunet
 
     for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
-                         (ultralightunet, "max_pool_2x")):
+                         (ultralightunet, "max_pool_2x"), (multikernel, "max_pool_2x"), (multikernel, "pooled_stem")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
     x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
     with torch.no_grad():
         a, b = net(x), fast(x)
-    assert seen.count("multikernel_depthwise") == 10 and seen.count("upsample_relu_pointwise") == 1
-    assert seen.count("max_pool_2x") == 5
+    # 3D: the stages on 1 and 2 input channels (2 and 4 hidden) run as pooled stems, the others MKDC kernel + pool
+    stems = 2 if dims == 3 else 0
+    assert seen.count("pooled_stem") == stems and seen.count("multikernel_depthwise") == 10 - stems
+    assert seen.count("upsample_relu_pointwise") == 1 and seen.count("max_pool_2x") == 5 - stems
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("cin,out,shape,kernels,fold", [
+    (1, 16, (1, 2, 6, 20), (1, 3, 5), True),  # the network's first stage (base), one program
+    (1, 4, (2, 2, 4, 6), (1, 3, 5), False),  # BatchNorm folded on the fly, two samples
+    (2, 8, (1, 4, 4, 8), (3, 5), True),  # a two-channel image (prostate), two branches
+])
+def test_pooled_stem_is_the_plain_stage(cin, out, shape, kernels, fold, monkeypatch):
+    """An eval-mode MKIR on a few-channel image followed by 2× max-pooling, with autograd off, runs as one kernel
+    (pooled_stem) and computes pool(block(x))."""
+    torch.manual_seed(0)
+    ref = _randomise_batchnorm(MKIR(3, cin, out, kernels=kernels)).to(DEVICE).eval()
+    fast = fold_batchnorm(ref) if fold else copy.deepcopy(ref)
+    pool = nn.MaxPool3d(2, ceil_mode=True)
+    kernels_module, calls = dw._kernels(), []
+    monkeypatch.setattr(dw, "_kernels", lambda: calls.append(1) or kernels_module)
+    x = torch.randn(shape[0], cin, *shape[1:], device=DEVICE) * 2
+    with torch.no_grad():
+        a, b = pool(ref(x)), fast.forward_pooled(x, pool, triton=True)
+    assert calls == [1] and b.shape == a.shape
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
+def test_pooled_stem_leaves_what_it_does_not_compute(monkeypatch):
+    """Odd sizes, a 2D image, more channels than the kernel takes, another pool, training-mode BatchNorm: the block
+    and the pool (max_pool_2x where it applies), never the stem kernel."""
+    from ul3d.networks.blocks import multikernel
+
+    calls = []
+    monkeypatch.setattr(multikernel, "pooled_stem", lambda *a, **k: calls.append(1))
+    torch.manual_seed(0)
+    cases = [(MKIR(3, 1, 4), (1, 1, 5, 6, 6), nn.MaxPool3d(2, ceil_mode=True)),
+             (MKIR(2, 1, 4), (1, 1, 6, 6), nn.MaxPool2d(2)),
+             (MKIR(3, 3, 4), (1, 3, 4, 4, 4), nn.MaxPool3d(2)),
+             (MKIR(3, 1, 4), (1, 1, 4, 4, 4), nn.MaxPool3d(3, 2))]
+    for block, shape, pool in cases:
+        block = _randomise_batchnorm(block).to(DEVICE).eval()
+        x = torch.randn(*shape, device=DEVICE)
+        with torch.no_grad():
+            torch.testing.assert_close(block.forward_pooled(x, pool, triton=True), pool(block(x)))
+    block = MKIR(3, 1, 4).to(DEVICE).train()
+    assert block.pooled_stem_parts(torch.randn(2, 1, 4, 4, 4, device=DEVICE), nn.MaxPool3d(2)) is None
+    assert calls == []
 
 
 @pytest.mark.parametrize("shape,ceil_mode", [

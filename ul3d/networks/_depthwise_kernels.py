@@ -7,7 +7,7 @@ offset from the tile's pointers, with one mask (the output tile's bounds) shared
 import triton
 import triton.language as tl
 
-__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "upsample_relu_pointwise"]
+__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "stem_pooled", "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
 
@@ -284,3 +284,137 @@ def max_pool2x(x_ptr, y_ptr, d, h, w, D, H, W, BLOCK: tl.constexpr):
         v = tl.load(xb + (zd * h + zh) * w + zw, mask=inside, other=float("-inf")).to(tl.float32)
         best = tl.where((v > best) | (v != v), v, best)  # NaN propagates, as in PyTorch
     tl.store(y_ptr + nc * D * H * W + p, best.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _stem_tap(a0, a1, a2, x0, x1, valid, we_ptr, be_ptr, wb_ptr, lo_e, hi_e, j: tl.constexpr, dz, dy,
+              dx: tl.constexpr, CIN: tl.constexpr, HC: tl.constexpr, M: tl.constexpr,
+              K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """Hidden channel ``j``'s expanded activation at tap (dz, dy, dx) of the widest window, ``clamp(we[j]·x + be[j])``
+    (0 outside the volume: the MKDC's zero padding), accumulated into every branch whose window holds the tap (along
+    W decided at compile time; ``dz``, ``dy`` are loop variables: a weight of 0 outside the window).
+    ``wb``: (3, HC, M³) taps of each branch in the widest window."""
+    if j < HC:
+        e = tl.load(we_ptr + j * CIN) * x0 + tl.load(be_ptr + j)
+        if CIN > 1:
+            e += tl.load(we_ptr + j * CIN + 1) * x1
+        e = tl.where(valid, tl.minimum(tl.maximum(e, lo_e), hi_e), 0.0)
+        r: tl.constexpr = M // 2
+        t = (dz * M + dy) * M + dx
+        lo = tl.minimum(dz, dy) - r  # the tap's offsets from the centre along D and H
+        hi = tl.maximum(dz, dy) - r
+        if (dx - r >= -(K0 // 2)) & (dx - r <= K0 // 2) & (K0 > 0):
+            w = tl.load(wb_ptr + j * M * M * M + t, mask=(lo >= -(K0 // 2)) & (hi <= K0 // 2), other=0.0)
+            a0 += w * e
+        if (dx - r >= -(K1 // 2)) & (dx - r <= K1 // 2) & (K1 > 0):
+            w = tl.load(wb_ptr + (HC + j) * M * M * M + t, mask=(lo >= -(K1 // 2)) & (hi <= K1 // 2), other=0.0)
+            a1 += w * e
+        if (dx - r >= -(K2 // 2)) & (dx - r <= K2 // 2) & (K2 > 0):
+            w = tl.load(wb_ptr + (2 * HC + j) * M * M * M + t, mask=(lo >= -(K2 // 2)) & (hi <= K2 // 2), other=0.0)
+            a2 += w * e
+    return a0, a1, a2
+
+
+@triton.jit
+def _stem_hidden(a0, a1, a2, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, j: tl.constexpr, HC: tl.constexpr,
+                 K1: tl.constexpr, K2: tl.constexpr):
+    """Hidden channel ``j`` after the MKDC: Σ_b clamp(a_b + bias_b[j], lo_b, hi_b) (zero when j ≥ HC)."""
+    h = tl.zeros_like(a0)
+    if j < HC:
+        h = tl.minimum(tl.maximum(a0 + tl.load(bb_ptr + j), lo0), hi0)
+        if K1 > 0:
+            h += tl.minimum(tl.maximum(a1 + tl.load(bb_ptr + HC + j), lo1), hi1)
+        if K2 > 0:
+            h += tl.minimum(tl.maximum(a2 + tl.load(bb_ptr + 2 * HC + j), lo2), hi2)
+    return h
+
+
+@triton.jit(do_not_specialize=["D", "H", "W", "PH", "PW", "TH", "TW", "lo_e", "hi_e", "lo0", "hi0", "lo1", "hi1",
+                               "lo2", "hi2"])
+def stem_pooled(xp_ptr, we_ptr, be_ptr, wb_ptr, bb_ptr, wo_ptr, bo_ptr, y_ptr, D, H, W, PH, PW, TH, TW,
+                lo_e, hi_e, lo0, hi0, lo1, hi1, lo2, hi2,
+                CIN: tl.constexpr, HC: tl.constexpr, OC: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
+                K2: tl.constexpr, M: tl.constexpr, PBH: tl.constexpr, PBW: tl.constexpr):
+    """An encoder stage on a few-channel input, 2×2×2 max-pooled, in one pass (inference, norms folded):
+    ``y = maxpool(Wo·[Σ_b clamp(DWC_b(e) + b_b), x] + bo)`` with ``e = clamp(We·x + be)``: the MKIR's expand (1×1),
+    MKDC (up to three centred cubic depth-wise branches K0..K2 ≤ M, each clamped, summed), channel shuffle + project
+    (folded into ``wo``'s column order) and shortcut (``wo``'s last CIN columns) for all OC output channels, of which
+    only the pooled values are written. ``xp``: the (CIN-channel) input zero-padded by M//2; every tap's expanded
+    value is recomputed from it (CIN·HC multiply-adds) instead of being read from a stored hidden tensor.
+
+    A program takes one pooled depth row of a PBH×PBW pooled tile of sample n: its 8·PBH·PBW full-resolution voxels,
+    the 8 voxels under each pooled voxel in 8 blocks of PBH·PBW (so each thread holds a pooled voxel's 8 and the pool
+    is a reduction within the thread).
+    """
+    tile = tl.program_id(0)
+    n = tl.program_id(1)
+    tw = tile % TW
+    th = (tile // TW) % TH
+    pz = tile // (TW * TH)
+    P: tl.constexpr = PBH * PBW
+    R: tl.constexpr = M // 2
+    q = tl.arange(0, 8 * P)
+    s = q // P
+    p = q % P
+    py = th * PBH + p // PBW
+    px = tw * PBW + p % PBW
+    inside = (py < PH) & (px < PW)
+    z = 2 * pz + s // 4
+    y = 2 * py + (s // 2) % 2
+    x = 2 * px + s % 2
+    Hp = H + 2 * R
+    Wp = W + 2 * R
+    plane = (D + 2 * R) * Hp * Wp
+    xs = xp_ptr + (n * CIN).to(tl.int64) * plane + z * Hp * Wp + y * Wp + x
+    zero = tl.zeros((8 * P,), dtype=tl.float32)
+    a00, a01, a02, a03 = zero, zero, zero, zero  # branch 0, hidden channels 0-3
+    a10, a11, a12, a13 = zero, zero, zero, zero
+    a20, a21, a22, a23 = zero, zero, zero, zero
+    for dz in range(M):  # loops (taps along W unrolled): a kernel of M taps' code, not M³
+        vz = (z + dz - R >= 0) & (z + dz - R < D)
+        for dy in range(M):
+            vzy = vz & (y + dy - R >= 0) & (y + dy - R < H)
+            for dx in tl.static_range(M):
+                valid = vzy & (x + dx - R >= 0) & (x + dx - R < W)
+                off = dz * Hp * Wp + dy * Wp + dx
+                x0 = tl.load(xs + off, mask=inside, other=0.0).to(tl.float32)
+                x1 = x0
+                if CIN > 1:
+                    x1 = tl.load(xs + plane + off, mask=inside, other=0.0).to(tl.float32)
+                a00, a10, a20 = _stem_tap(a00, a10, a20, x0, x1, valid, we_ptr, be_ptr, wb_ptr, lo_e, hi_e, 0, dz, dy,
+                                          dx, CIN, HC, M, K0, K1, K2)
+                a01, a11, a21 = _stem_tap(a01, a11, a21, x0, x1, valid, we_ptr, be_ptr, wb_ptr, lo_e, hi_e, 1, dz, dy,
+                                          dx, CIN, HC, M, K0, K1, K2)
+                a02, a12, a22 = _stem_tap(a02, a12, a22, x0, x1, valid, we_ptr, be_ptr, wb_ptr, lo_e, hi_e, 2, dz, dy,
+                                          dx, CIN, HC, M, K0, K1, K2)
+                a03, a13, a23 = _stem_tap(a03, a13, a23, x0, x1, valid, we_ptr, be_ptr, wb_ptr, lo_e, hi_e, 3, dz, dy,
+                                          dx, CIN, HC, M, K0, K1, K2)
+    h0 = _stem_hidden(a00, a10, a20, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, 0, HC, K1, K2)
+    h1 = _stem_hidden(a01, a11, a21, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, 1, HC, K1, K2)
+    h2 = _stem_hidden(a02, a12, a22, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, 2, HC, K1, K2)
+    h3 = _stem_hidden(a03, a13, a23, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, 3, HC, K1, K2)
+    centre = R * Hp * Wp + R * Wp + R
+    c0 = tl.load(xs + centre, mask=inside, other=0.0).to(tl.float32)
+    c1 = c0
+    if CIN > 1:
+        c1 = tl.load(xs + plane + centre, mask=inside, other=0.0).to(tl.float32)
+    pp = tl.arange(0, P)
+    oy = th * PBH + pp // PBW
+    ox = tw * PBW + pp % PBW
+    PD = D // 2
+    yb = y_ptr + (n * OC).to(tl.int64) * PD * PH * PW + pz * PH * PW + oy * PW + ox
+    out_mask = (oy < PH) & (ox < PW)
+    NW: tl.constexpr = HC + CIN
+    for o in tl.static_range(OC):
+        v = tl.load(bo_ptr + o) + tl.load(wo_ptr + o * NW) * h0
+        if HC > 1:
+            v += tl.load(wo_ptr + o * NW + 1) * h1
+        if HC > 2:
+            v += tl.load(wo_ptr + o * NW + 2) * h2
+        if HC > 3:
+            v += tl.load(wo_ptr + o * NW + 3) * h3
+        v += tl.load(wo_ptr + o * NW + HC) * c0
+        if CIN > 1:
+            v += tl.load(wo_ptr + o * NW + HC + 1) * c1
+        pooled = tl.max(tl.reshape(v, (8, P)), axis=0)
+        tl.store(yb + o * PD * PH * PW, pooled.to(y_ptr.dtype.element_ty), mask=out_mask)

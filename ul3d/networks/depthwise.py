@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "max_pool_2x", "max_pool_geometry",
-           "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
+           "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
@@ -329,6 +329,84 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
         x.contiguous(), i0, i1, lam.float(), weight.float().contiguous(),
         bias.float().contiguous() if bias is not None else weight, y, c, k, *src, *out,
         RELU=bool(relu), HAS_BIAS=bias is not None, KP=max(_pow2(k), 2), BLOCK=block, num_warps=4)
+    return y
+
+
+#: most input channels / hidden channels of :func:`pooled_stem`'s kernel (a few-channel image and its expansion)
+STEM_MAX_INPUTS, STEM_MAX_HIDDEN = 2, 4
+#: pooled tile (rows × columns) of one :func:`pooled_stem` program (8·8·16 full-resolution voxels) and its warps
+STEM_TILE, STEM_WARPS = (8, 16), 4
+
+
+def stem_unsupported(x: torch.Tensor, expand_weight: torch.Tensor, weights: list[torch.Tensor],
+                     out_weight: torch.Tensor) -> str | None:
+    """Why :func:`pooled_stem`'s kernel does not take these shapes (it then runs PyTorch's ops), or None."""
+    cin, hidden = x.shape[1], expand_weight.shape[0]
+    if x.dim() != 5 or any(s % 2 for s in x.shape[2:]):
+        return "not a 3D input of even size"
+    if cin > STEM_MAX_INPUTS or hidden > STEM_MAX_HIDDEN:
+        return f"more than {STEM_MAX_INPUTS} input or {STEM_MAX_HIDDEN} hidden channels"
+    if not 1 <= len(weights) <= MAX_BRANCHES or any(len(set(w.shape[2:])) != 1 for w in weights):
+        return f"not 1-{MAX_BRANCHES} cubic branches"
+    if x.dtype not in TRITON_DTYPES:
+        return f"dtype {x.dtype}"
+    return None if out_weight.shape[0] <= 64 else "more than 64 output channels"
+
+
+def pooled_stem(x: torch.Tensor, expand: tuple[torch.Tensor, torch.Tensor | None, tuple[float, float]],
+                branches: tuple[list, list, list], out_weight: torch.Tensor, out_bias: torch.Tensor | None,
+                triton: bool = True) -> torch.Tensor:
+    """``maxpool2(Wo·[MKDC(clamp(We·x + be)), x] + bo)``: an MKIR on a few-channel image (the first encoder stage),
+    its norms folded, followed by 2×2×2 max-pooling, for inference.
+
+    Args:
+        x: ``(B, C_in, D, H, W)``.
+        expand: the expand conv's ``(weight (HC, C_in, 1, 1, 1), bias (HC,) or None, (lo, hi))``.
+        branches: the MKDC's ``(weights, biases, bounds)`` as :meth:`~ul3d.networks.blocks.MKDC.folded_branches`.
+        out_weight: ``(OC, HC + C_in)``: the project conv's columns (in the order of the MKDC's unshuffled sum) and then
+            the shortcut's; out_bias ``(OC,)`` or None.
+        triton: False computes it with PyTorch's ops on every device.
+
+    With Triton (:func:`triton_available`) and shapes :func:`stem_unsupported` accepts, one kernel computes it: the
+    expanded hidden channels are recomputed at every tap from the input (never stored), and only the pooled output is
+    written (on an H200 the unfused stem of UltraLightUNet3D base, 4 × 96³ windows, writes and reads 16-channel
+    full-resolution tensors). Under autocast the output is in the autocast dtype; the kernel computes in float32.
+    """
+    we, be, (lo_e, hi_e) = expand
+    weights, biases, bounds = branches
+    hidden, cin = we.shape[:2]
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if not triton or not triton_available(x.device) or stem_unsupported(x, we, weights, out_weight) is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(dtype)
+            e = F.conv3d(xf, we.to(dtype), None if be is None else be.to(dtype)).clamp(lo_e, hi_e)
+            h = multikernel_depthwise(e, [w.to(dtype) for w in weights],
+                                      [None if b is None else b.to(dtype) for b in biases], bounds, triton=False)
+            wo = out_weight.to(dtype).reshape(*out_weight.shape, 1, 1, 1)
+            out = F.conv3d(torch.cat([h, xf], 1), wo, None if out_bias is None else out_bias.to(dtype))
+            return F.max_pool3d(out, 2)
+    m = max(w.shape[2] for w in weights)
+    taps = m ** 3
+    zero = torch.zeros(hidden, device=x.device, dtype=torch.float32)
+    wb = torch.zeros(MAX_BRANCHES, hidden, m, m, m, device=x.device, dtype=torch.float32)
+    for i, w in enumerate(weights):  # every branch's taps placed in the widest window
+        r = (m - w.shape[2]) // 2
+        wb[i, :, r:m - r, r:m - r, r:m - r] = w.reshape(hidden, *w.shape[2:]).float()
+    bb = torch.stack([zero if b is None else b.float() for b in biases] + [zero] * (MAX_BRANCHES - len(biases)))
+    lohi = [float(v) for b in bounds for v in b] + [0.0, 0.0] * (MAX_BRANCHES - len(bounds))
+    ks = [w.shape[2] for w in weights] + [0] * (MAX_BRANCHES - len(weights))
+    n, _, d, h, w = x.shape
+    oc = out_weight.shape[0]
+    ph, pw = h // 2, w // 2
+    bh, bw = STEM_TILE
+    th, tw = -(-ph // bh), -(-pw // bw)
+    y = torch.empty((n, oc, d // 2, ph, pw), device=x.device, dtype=dtype)
+    bo = out_bias.float().contiguous() if out_bias is not None else torch.zeros(oc, device=x.device)
+    _kernels().stem_pooled[((d // 2) * th * tw, n)](
+        _padded(x, (m, m, m)), we.reshape(hidden, cin).float().contiguous(),
+        be.float().contiguous() if be is not None else zero, wb.reshape(MAX_BRANCHES, hidden, taps), bb,
+        out_weight.float().contiguous(), bo, y, d, h, w, ph, pw, th, tw, float(lo_e), float(hi_e), *lohi,
+        CIN=cin, HC=hidden, OC=oc, K0=ks[0], K1=ks[1], K2=ks[2], M=m, PBH=bh, PBW=bw, num_warps=STEM_WARPS)
     return y
 
 

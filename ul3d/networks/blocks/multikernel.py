@@ -16,8 +16,8 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..depthwise import (MAX_BRANCHES, depthwise_conv, max_pool_geometry, multikernel_depthwise, triton_available,
-                         unsupported_conv)
+from ..depthwise import (MAX_BRANCHES, depthwise_conv, max_pool_2x, max_pool_geometry, multikernel_depthwise,
+                         pooled_stem, stem_unsupported, triton_available, unsupported_conv)
 
 __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
            "batchnorm_act", "batchnorm_of_pointwise", "conv_act", "pointwise_conv", "outer_product_conv"]
@@ -817,15 +817,53 @@ class MKIR(nn.Module):
         """Whether the MKDC runs its plain modules (not its fused, Triton or float32-under-autocast forward)."""
         return not (self.mkdc.fused or self.mkdc.triton or self.mkdc.float32)
 
+    def _unshuffled(self, w: torch.Tensor) -> torch.Tensor:
+        """The project conv's weight ``w`` with its input channels in the order of the MKDC's sum before the channel
+        shuffle: ``PWC_2(CS(h)) = PWC_2'(h)``. ``CS`` puts channel ``i·n + j`` of ``h`` at ``j·g + i`` (``g`` groups
+        of ``n``), so ``W'[:, i·n + j] = W[:, j·g + i]``."""
+        g = self.mkdc.shuffle.groups
+        if g == 1:
+            return w
+        c = w.shape[1]
+        return w[:, torch.arange(c, device=w.device).view(c // g, g).t().reshape(-1)]
+
     @torch.jit.unused
-    def forward_pooled(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
+    def forward_pooled(self, x: torch.Tensor, pool: nn.Module, triton: bool = False) -> torch.Tensor:
         """``pool(self(x))``; for inference on the merged path (``merge_pointwise``, autograd off) with a one-channel,
         channels-last 3D input of even size and a 2×2×2 max-pool, the merged project + shortcut product is computed
         two depth slices at a time and max-pooled at once, so the full-resolution ``C_1``-channel output never exists
-        (2-core CPU, 4 × 96³ windows of the base network: it is 226 MB)."""
+        (2-core CPU, 4 × 96³ windows of the base network: it is 226 MB). With ``triton`` (``UltraLightUNet``'s
+        ``triton_kernels``, autograd off) a block on a few-channel image whose norms fold runs as one Triton kernel,
+        pooled (:func:`~ul3d.networks.depthwise.pooled_stem`, where Triton runs), else the pooling is
+        :func:`~ul3d.networks.depthwise.max_pool_2x`."""
         if self.merge_pointwise and not torch.is_grad_enabled() and self.mkdc_plain():
             return self._forward_merged(x, pool)
+        if triton and not torch.is_grad_enabled():
+            stem = self.pooled_stem_parts(x, pool)
+            if stem is not None and triton_available(x.device):
+                return pooled_stem(x, *stem)
+            return max_pool_2x(self(x), pool)
         return pool(self(x))
+
+    @torch.jit.unused
+    def pooled_stem_parts(self, x: torch.Tensor, pool: nn.Module) -> tuple | None:
+        """The arguments after ``x`` of :func:`~ul3d.networks.depthwise.pooled_stem` that compute ``pool(self(x))``
+        (eval-mode or folded BatchNorms, a 2×2×2 max-pool, shapes its kernel takes), or None."""
+        if max_pool_geometry(pool, x.dim() - 2) != ((2, 2, 2), (2, 2, 2)) or not self.residual:
+            return None
+        expand, project, branches = folded_convolution(self.expand), folded_convolution(self.project), \
+            self.mkdc.folded_branches()
+        if expand is None or project is None or branches is None or project[2] is not None:
+            return None
+        bounds = _clamp_range(expand[2]) if expand[2] is not None else (float("-inf"), float("inf"))
+        sc = self.shortcut
+        if bounds is None or not isinstance(sc, nn.modules.conv._ConvNd) \
+                or stem_unsupported(x, expand[0], branches[0], project[0]) is not None:
+            return None
+        wp, bp = project[0], project[1]
+        out_weight = torch.cat([self._unshuffled(wp).reshape(wp.shape[0], -1), sc.weight.reshape(wp.shape[0], -1)], 1)
+        bias = [b for b in (bp, sc.bias) if b is not None]
+        return (expand[0], expand[1], bounds), branches, out_weight, sum(bias) if bias else None
 
     @staticmethod
     def _pool_fits(pool: nn.Module | None, x: torch.Tensor) -> bool:
@@ -857,9 +895,8 @@ class MKIR(nn.Module):
 
     @torch.jit.unused
     def _forward_merged(self, x: torch.Tensor, pool: nn.Module | None = None) -> torch.Tensor:
-        """:meth:`forward` for inference (autograd off) without the shuffle's copy: ``PWC_2(CS(h)) = PWC_2'(h)`` where
-        ``PWC_2'`` takes its input channels in the unshuffled order. ``CS`` puts channel ``i·n + j`` of ``h`` at
-        ``j·g + i`` (``g`` groups of ``n``), so ``W'[:, i·n + j] = W[:, j·g + i]``. For a one-channel (channels-last)
+        """:meth:`forward` for inference (autograd off) without the shuffle's copy: ``PWC_2(CS(h)) = PWC_2'(h)``
+        (:meth:`_unshuffled`). For a one-channel (channels-last)
         input with BatchNorm folded into the project conv, ``W'·h + b + w_s·x`` is one ``addmm`` over the
         concatenated ``[h, x]`` voxels: no separate shortcut tensor and no sum. With ``pool`` the result is
         ``pool(forward(x))`` (see :meth:`forward_pooled`)."""
@@ -867,10 +904,7 @@ class MKIR(nn.Module):
         if pool is not None and not (one and self._pool_fits(pool, x)):
             return pool(self._forward_merged(x))
         conv = self.project.conv
-        w, g = conv.weight, self.mkdc.shuffle.groups
-        if g > 1:
-            c = w.shape[1]
-            w = w[:, torch.arange(c, device=w.device).view(c // g, g).t().reshape(-1)]
+        w = self._unshuffled(conv.weight)
         adn = getattr(self.project, "adn", None)
         affine_only = adn is None or all(isinstance(m, nn.Identity) for m in adn.children())
         sc = self.shortcut

@@ -49,11 +49,12 @@ class EncoderStage(nn.Module):
         self.attention = attention if attention is not None else nn.Identity()
 
     @torch.jit.unused
-    def forward_pooled(self, x: torch.Tensor, pool: nn.Module) -> torch.Tensor:
-        """``pool(self(x))``, through the block's ``forward_pooled`` when there is no attention after it."""
+    def forward_pooled(self, x: torch.Tensor, pool: nn.Module, triton: bool = False) -> torch.Tensor:
+        """``pool(self(x))``, through the block's ``forward_pooled`` when there is no attention after it (``triton``:
+        its Triton inference kernels, see :meth:`~ul3d.networks.blocks.MKIR.forward_pooled`)."""
         if isinstance(self.attention, nn.Identity) and hasattr(self.block, "forward_pooled"):
-            return self.block.forward_pooled(x, pool)
-        return pool(self(x))
+            return self.block.forward_pooled(x, pool, triton)
+        return max_pool_2x(self(x), pool) if triton else pool(self(x))
 
     def forward(self, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
         """``lean``: the block's :meth:`~ul3d.networks.blocks.MKIR.forward_lean` (``use_checkpoint``: less memory)."""
@@ -234,8 +235,9 @@ class UltraLightUNet(nn.Module):
         self.slab_head = False
         # ``triton_kernels`` (``accelerate(triton=True)``, inference with autograd off): where Triton runs, the last
         # stage's upsampling, ReLU and head as one Triton kernel
-        # (:func:`~ul3d.networks.depthwise.upsample_relu_pointwise`; elsewhere the plain modules) and the max-pooling
-        # without indices (:func:`~ul3d.networks.depthwise.max_pool_2x`)
+        # (:func:`~ul3d.networks.depthwise.upsample_relu_pointwise`; elsewhere the plain modules), the first stage and
+        # its pooling as another (:func:`~ul3d.networks.depthwise.pooled_stem`) and the other max-poolings without
+        # indices (:func:`~ul3d.networks.depthwise.max_pool_2x`)
         self.triton_kernels = False
         self._mode = interpolate_mode(spatial_dims)
 
@@ -299,7 +301,7 @@ class UltraLightUNet(nn.Module):
             elif self.slab_head and not torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = stage.forward_pooled(x, self.pool)
             elif self.triton_kernels and not torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = max_pool_2x(stage(x), self.pool)
+                x = stage.forward_pooled(x, self.pool, triton=True)
             else:
                 x = self.pool(stage(x))
             skips.append(x)
