@@ -1,0 +1,96 @@
+"""Micro-benchmark of UltraLightUNet3D's first encoder stage and its 2× max-pool in inference (CUDA, bf16 autocast,
+``(4, 1, 96, 96, 96)``, BatchNorm folded): ``ul3d predict``'s Triton path without the stem kernel (the MKDC kernel,
+cuDNN's 1×1 convs and sum, :func:`ul3d.networks.depthwise.max_pool_2x`) against
+:func:`ul3d.networks.depthwise.pooled_stem`'s one kernel at several tiles (pooled rows × columns, warps). Each
+variant is timed as a replayed CUDA graph (as the sliding window runs it) and checked against the unfused output.
+
+    python benchmarks/bench_stem.py --out benchmarks/results --date 2026-12-02
+
+Prints a markdown table and writes ``stem_cuda_<device>_<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ul3d.networks import depthwise as dw
+from ul3d.networks.fast import accelerate
+from ul3d.networks.registry import build_network
+
+TILES = [((8, 16), 4), ((8, 16), 8), ((4, 16), 4), ((4, 32), 4), ((8, 8), 4), ((2, 16), 2), ((4, 8), 2),
+         ((16, 16), 8)]
+
+
+def graph_ms(fn, iters: int = 50) -> float:
+    """Milliseconds per replay of ``fn`` captured as a CUDA graph."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["base", "T"])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--date", default=dt.date.today().isoformat())
+    args = ap.parse_args()
+    if not torch.cuda.is_available() or not dw.triton_available("cuda"):
+        raise SystemExit("bench_stem.py needs CUDA and Triton")
+    rows = []
+    saved = dw.STEM_TILE, dw.STEM_WARPS
+    for variant in args.variants:
+        net = build_network(f"ultralightunet:{variant}", out_channels=3).cuda().eval()
+        net = accelerate(net, fused_mkdc=False, fold_bn=True, triton=True)
+        stage, pool = net.encoder[0], net.pool
+        x = torch.randn(4, 1, 96, 96, 96, device="cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = dw.max_pool_2x(stage(x), pool)
+            rows.append(dict(variant=variant, what="unfused", ms=graph_ms(lambda: dw.max_pool_2x(stage(x), pool))))
+            print(rows[-1], flush=True)
+            for tile, warps in TILES:
+                dw.STEM_TILE, dw.STEM_WARPS = tile, warps
+                t0 = time.perf_counter()
+                got = stage.forward_pooled(x, pool, triton=True)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                rows.append(dict(variant=variant, what=f"pooled_stem tile {tile} warps {warps}",
+                                 ms=graph_ms(lambda: stage.forward_pooled(x, pool, triton=True)), first_call_s=first,
+                                 max_abs_diff_bf16=(got.float() - ref.float()).abs().max().item(),
+                                 ref_max=ref.float().abs().max().item()))
+                print(rows[-1], flush=True)
+    dw.STEM_TILE, dw.STEM_WARPS = saved
+    name = torch.cuda.get_device_name()
+    print(f"\n{name}; torch {torch.__version__}; {args.date}\n\n| variant | path | ms | vs unfused |\n|---|---|---:|---:|")
+    base = {r["variant"]: r["ms"] for r in rows if r["what"] == "unfused"}
+    for r in rows:
+        print(f"| {r['variant']} | {r['what']} | {r['ms']:.3f} | {r['ms'] / base[r['variant']]:.2f}× |")
+    tag = name.split()[-1].lower()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"stem_cuda_{tag}_{args.date}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(device=name, date=args.date, torch=torch.__version__, rows=rows), indent=1))
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
