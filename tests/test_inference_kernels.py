@@ -173,7 +173,8 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     from ul3d.networks.nets import ultralightunet
 
     for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
-                         (ultralightunet, "max_pool_2x"), (multikernel, "max_pool_2x"), (multikernel, "pooled_stem")):
+                         (ultralightunet, "max_pool_2x"), (multikernel, "max_pool_2x"), (multikernel, "pooled_stem"),
+                         (_lean, "linear_upsample")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
     x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
@@ -183,6 +184,7 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     stems = 2 if dims == 3 else 0
     assert seen.count("pooled_stem") == stems and seen.count("multikernel_depthwise") == 10 - stems
     assert seen.count("upsample_relu_pointwise") == 1 and seen.count("max_pool_2x") == 5 - stems
+    assert seen.count("linear_upsample") == 4  # the other decoder stages' upsampling + ReLU
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 
@@ -227,6 +229,27 @@ def test_pooled_stem_leaves_what_it_does_not_compute(monkeypatch):
     block = MKIR(3, 1, 4).to(DEVICE).train()
     assert block.pooled_stem_parts(torch.randn(2, 1, 4, 4, 4, device=DEVICE), nn.MaxPool3d(2)) is None
     assert calls == []
+
+
+@pytest.mark.parametrize("shape,size,align_corners,relu", [
+    ((2, 3, 3, 3, 3), [6, 6, 6], False, True),  # the decoder's case
+    ((1, 2, 5, 3, 4), [9, 7, 8], True, False),
+    ((1, 2, 4, 6), [7, 12], False, True),  # 2D
+    ((2, 1, 5), [11], False, False),  # 1D
+])
+def test_linear_upsample_is_interpolate(shape, size, align_corners, relu):
+    """upsample_relu's kernel: F.interpolate (+ ReLU), in the input's dtype."""
+    from ul3d.networks.nets._lean import upsample_relu
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, device=DEVICE)
+    mode = ("linear", "bilinear", "trilinear")[len(shape) - 3]
+    with torch.no_grad():
+        ref = F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
+        ref = ref.relu() if relu else ref
+        got = upsample_relu(x, size, relu=relu, align_corners=align_corners, triton=True)
+    assert got.dtype == x.dtype
+    torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("shape,ceil_mode", [

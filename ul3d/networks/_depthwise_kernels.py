@@ -7,7 +7,8 @@ offset from the tile's pointers, with one mask (the output tile's bounds) shared
 import triton
 import triton.language as tl
 
-__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "stem_pooled", "upsample_relu_pointwise"]
+__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "stem_pooled", "upsample_relu",
+           "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
 
@@ -212,17 +213,12 @@ def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, h
               K1D, K2D, 3, ROWS)
 
 
-@triton.jit(do_not_specialize=["C", "K", "d", "h", "w", "D", "H", "W"])
-def upsample_relu_pointwise(x_ptr, i0_ptr, i1_ptr, lam_ptr, wt_ptr, b_ptr, y_ptr, C, K, d, h, w, D, H, W,
-                            RELU: tl.constexpr, HAS_BIAS: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
-    """``y[n, k, p] = b[k] + Σ_c wt[k, c] · relu(trilinear(x[n, c])(p))`` over BLOCK output voxels (program 0: voxel
-    block, 1: n). The interpolation's source indices and weights per output row come from tables (axis D at
-    ``[0, D)``, H at ``[D, D + H)``, W after them: :func:`~ul3d.networks.nets._lean.linear_source_weights`); KP ≥ K
-    accumulators per voxel, float32."""
-    pid = tl.program_id(0)
-    n = tl.program_id(1)
-    p = pid * BLOCK + tl.arange(0, BLOCK)
-    m = p < D * H * W
+@triton.jit
+def _linear_sources(i0_ptr, i1_ptr, lam_ptr, p, m, h, w, D, H, W):
+    """For output voxels ``p`` (mask ``m``) of a (multi)linear upsampling to D×H×W: the offsets of the four source
+    rows (depth, height pairs) in an input plane of h×w rows, the two source columns and the three weights, from the
+    tables (axis D at ``[0, D)``, H at ``[D, D + H)``, W after them:
+    :func:`~ul3d.networks.nets._lean.linear_source_weights`)."""
     ow = p % W
     oh = (p // W) % H
     od = p // (W * H)
@@ -235,24 +231,38 @@ def upsample_relu_pointwise(x_ptr, i0_ptr, i1_ptr, lam_ptr, wt_ptr, b_ptr, y_ptr
     w0 = tl.load(i0_ptr + D + H + ow, mask=m, other=0)
     w1 = tl.load(i1_ptr + D + H + ow, mask=m, other=0)
     lw = tl.load(lam_ptr + D + H + ow, mask=m, other=0.0)
-    r00 = (d0 * h + h0) * w
-    r01 = (d0 * h + h1) * w
-    r10 = (d1 * h + h0) * w
-    r11 = (d1 * h + h1) * w
+    return (d0 * h + h0) * w, (d0 * h + h1) * w, (d1 * h + h0) * w, (d1 * h + h1) * w, w0, w1, ld, lh, lw
+
+
+@triton.jit
+def _linear_value(xb, r00, r01, r10, r11, w0, w1, ld, lh, lw, m):
+    """The interpolated value (float32) of one input plane ``xb`` at the voxels :func:`_linear_sources` describes."""
+    v00 = (1 - lw) * tl.load(xb + r00 + w0, mask=m, other=0.0).to(tl.float32) \
+        + lw * tl.load(xb + r00 + w1, mask=m, other=0.0).to(tl.float32)
+    v01 = (1 - lw) * tl.load(xb + r01 + w0, mask=m, other=0.0).to(tl.float32) \
+        + lw * tl.load(xb + r01 + w1, mask=m, other=0.0).to(tl.float32)
+    v10 = (1 - lw) * tl.load(xb + r10 + w0, mask=m, other=0.0).to(tl.float32) \
+        + lw * tl.load(xb + r10 + w1, mask=m, other=0.0).to(tl.float32)
+    v11 = (1 - lw) * tl.load(xb + r11 + w0, mask=m, other=0.0).to(tl.float32) \
+        + lw * tl.load(xb + r11 + w1, mask=m, other=0.0).to(tl.float32)
+    return (1 - ld) * ((1 - lh) * v00 + lh * v01) + ld * ((1 - lh) * v10 + lh * v11)
+
+
+@triton.jit(do_not_specialize=["C", "K", "d", "h", "w", "D", "H", "W"])
+def upsample_relu_pointwise(x_ptr, i0_ptr, i1_ptr, lam_ptr, wt_ptr, b_ptr, y_ptr, C, K, d, h, w, D, H, W,
+                            RELU: tl.constexpr, HAS_BIAS: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+    """``y[n, k, p] = b[k] + Σ_c wt[k, c] · relu(trilinear(x[n, c])(p))`` over BLOCK output voxels (program 0: voxel
+    block, 1: n), the interpolation from tables (:func:`_linear_sources`); KP ≥ K accumulators per voxel, float32."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    m = p < D * H * W
+    r00, r01, r10, r11, w0, w1, ld, lh, lw = _linear_sources(i0_ptr, i1_ptr, lam_ptr, p, m, h, w, D, H, W)
     kk = tl.arange(0, KP)
     km = kk < K
     acc = tl.zeros((KP, BLOCK), dtype=tl.float32)
     for c in range(C):
-        xb = x_ptr + (n * C + c).to(tl.int64) * d * h * w
-        v00 = (1 - lw) * tl.load(xb + r00 + w0, mask=m, other=0.0).to(tl.float32) \
-            + lw * tl.load(xb + r00 + w1, mask=m, other=0.0).to(tl.float32)
-        v01 = (1 - lw) * tl.load(xb + r01 + w0, mask=m, other=0.0).to(tl.float32) \
-            + lw * tl.load(xb + r01 + w1, mask=m, other=0.0).to(tl.float32)
-        v10 = (1 - lw) * tl.load(xb + r10 + w0, mask=m, other=0.0).to(tl.float32) \
-            + lw * tl.load(xb + r10 + w1, mask=m, other=0.0).to(tl.float32)
-        v11 = (1 - lw) * tl.load(xb + r11 + w0, mask=m, other=0.0).to(tl.float32) \
-            + lw * tl.load(xb + r11 + w1, mask=m, other=0.0).to(tl.float32)
-        v = (1 - ld) * ((1 - lh) * v00 + lh * v01) + ld * ((1 - lh) * v10 + lh * v11)
+        v = _linear_value(x_ptr + (n * C + c).to(tl.int64) * d * h * w, r00, r01, r10, r11, w0, w1, ld, lh, lw, m)
         if RELU:
             v = tl.maximum(v, 0.0)
         wc = tl.load(wt_ptr + kk * C + c, mask=km, other=0.0)
@@ -261,6 +271,22 @@ def upsample_relu_pointwise(x_ptr, i0_ptr, i1_ptr, lam_ptr, wt_ptr, b_ptr, y_ptr
         acc += tl.load(b_ptr + kk, mask=km, other=0.0)[:, None]
     out = y_ptr + (n * K + kk[:, None]).to(tl.int64) * D * H * W + p[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=km[:, None] & m[None, :])
+
+
+@triton.jit(do_not_specialize=["d", "h", "w", "D", "H", "W"])
+def upsample_relu(x_ptr, i0_ptr, i1_ptr, lam_ptr, y_ptr, d, h, w, D, H, W, RELU: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """``y[nc, p] = relu(trilinear(x[nc])(p))`` (RELU: with the ReLU) over BLOCK output voxels (program 0: voxel
+    block, 1: n·C + c), the interpolation from tables (:func:`_linear_sources`) in float32."""
+    pid = tl.program_id(0)
+    nc = tl.program_id(1).to(tl.int64)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    m = p < D * H * W
+    r00, r01, r10, r11, w0, w1, ld, lh, lw = _linear_sources(i0_ptr, i1_ptr, lam_ptr, p, m, h, w, D, H, W)
+    v = _linear_value(x_ptr + nc * d * h * w, r00, r01, r10, r11, w0, w1, ld, lh, lw, m)
+    if RELU:
+        v = tl.maximum(v, 0.0)
+    tl.store(y_ptr + nc * D * H * W + p, v.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["d", "h", "w", "D", "H", "W"])

@@ -62,7 +62,10 @@ def accelerate(
             (:func:`~ul3d.networks.blocks.attention.one_per_group_conv`; cuDNN's generic kernel is slow on both).
             With autograd off (inference) every MKDC whose norms are eval-mode BatchNorms (or folded) runs as one
             kernel (:func:`~ul3d.networks.depthwise.multikernel_depthwise`), and UltraLightUNet's last upsampling,
-            ReLU and head as another, its max-poolings without indices (``triton_kernels``).
+            ReLU and head as another, its first stage and pooling as another
+            (:func:`~ul3d.networks.depthwise.pooled_stem`), its other max-poolings without indices
+            (``triton_kernels``) and every decoder upsampling + ReLU as one kernel
+            (:func:`~ul3d.networks.depthwise.linear_upsample`).
         pointwise_matmul: every MKIR computes its 1×1 convs (expand, project, shortcut) as matrix products over the
             flattened volume (cuBLAS instead of cuDNN's channels-first 3D kernels).
         outer_product: every MKIR with a one-channel input computes its 1×1 expand and shortcut convs as broadcast
@@ -108,6 +111,8 @@ def accelerate(
             m.inplace = True
         if isinstance(m, (MKDC, MKIR, DecoderStage)):
             m.inplace = bool(inplace)
+        if isinstance(m, DecoderStage):
+            m.triton = bool(triton)
         if isinstance(m, UltraLightUNet):
             m.slab_head = bool(merge_pointwise)
             m.triton_kernels = bool(triton)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..depthwise import MAX_HEAD_CHANNELS, TRITON_DTYPES, max_pool_geometry, triton_available, upsample_relu_pointwise
+from ..depthwise import (MAX_HEAD_CHANNELS, TRITON_DTYPES, linear_upsample, max_pool_geometry, triton_available,
+                         upsample_relu_pointwise)
 
 __all__ = ["linear_source_weights", "max_pool_keeping_indices", "slab_rows", "upsample_relu_head"]
 
@@ -66,6 +67,24 @@ def _slab(x: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor
     return head(torch.relu(y) if relu else y)
 
 
+def _tables(x: torch.Tensor, size: list[int], align_corners: bool) -> tuple[torch.Tensor, ...]:
+    """:func:`linear_source_weights` of every spatial axis of ``x`` -> ``size``, concatenated (first axis first), as
+    the Triton upsampling kernels take them."""
+    axes = [linear_source_weights(int(i), int(o), align_corners, x.device) for i, o in zip(x.shape[2:], size)]
+    return tuple(torch.cat([a[j] for a in axes]) for j in range(3))
+
+
+def upsample_relu(x: torch.Tensor, size: list[int], *, relu: bool = True, align_corners: bool = False,
+                  triton: bool = False) -> torch.Tensor:
+    """``relu(F.interpolate(x, size, mode="(bi/tri)linear", align_corners))`` (``relu=False``: no ReLU); with
+    ``triton``, autograd off and Triton running, as one kernel (:func:`~ul3d.networks.depthwise.linear_upsample`)."""
+    size = [int(s) for s in size]
+    if triton and not torch.is_grad_enabled() and triton_available(x.device) and x.dtype in TRITON_DTYPES:
+        return linear_upsample(x, _tables(x, size, align_corners), size, relu=relu)
+    y = F.interpolate(x, size=size, mode=_MODES.get(x.dim() - 3, "trilinear"), align_corners=align_corners)
+    return torch.relu(y) if relu else y
+
+
 def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, relu: bool = True,
                        align_corners: bool = False, slab_elements: int = 1 << 22, checkpointed: bool = False,
                        triton: bool = False) -> torch.Tensor:
@@ -94,9 +113,7 @@ def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, rel
     pointwise = _pointwise_head(head)
     kernel = triton and not torch.is_grad_enabled() and triton_available(x.device) and x.dtype in TRITON_DTYPES
     if kernel and pointwise is not None and pointwise[0].shape[0] <= MAX_HEAD_CHANNELS:
-        axes = [linear_source_weights(int(i), int(o), align_corners, x.device) for i, o in zip(x.shape[2:], size)]
-        tables = tuple(torch.cat([a[j] for a in axes]) for j in range(3))
-        return upsample_relu_pointwise(x, tables, size, *pointwise, relu=relu)
+        return upsample_relu_pointwise(x, _tables(x, size, align_corners), size, *pointwise, relu=relu)
     if pointwise is None or (triton and not kernel):  # slabs are exact only for a head that is pointwise in space
         y = F.interpolate(x, size=size, mode=_MODES.get(x.dim() - 3, "trilinear"), align_corners=align_corners)
         return head(torch.relu(y) if relu else y)

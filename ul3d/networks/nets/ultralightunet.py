@@ -13,7 +13,7 @@ from torch import nn
 from ..blocks import CMFA, GAG, MKIR, MKIRA, InvertedResidual, SpatialAttention
 from ..blocks.multikernel import accumulate
 from ..depthwise import max_pool_2x
-from ._lean import max_pool_keeping_indices, upsample_relu_head
+from ._lean import max_pool_keeping_indices, upsample_relu, upsample_relu_head
 from ._utils import as_tuple, check_input, checkpointed, init_normal_, interpolate_mode
 
 __all__ = ["UltraLightUNet", "ULTRALIGHTUNET_VARIANTS", "EncoderStage", "DecoderStage"]
@@ -93,6 +93,10 @@ class DecoderStage(nn.Module):
         # ``inplace`` (``accelerate(inplace=True)``, inference): ReLU and skip sum overwrite the upsampled tensor
         # when autograd is off
         self.inplace = False
+        # ``triton`` (``accelerate(triton=True)``, inference with autograd off): upsampling and ReLU as one Triton kernel
+        # where Triton runs (:func:`~ul3d.networks.depthwise.linear_upsample`; PyTorch's CUDA upsampling is slow on
+        # the decoder's small volumes)
+        self.triton = False
 
     def forward(self, x: torch.Tensor, size: list[int], skip: Optional[torch.Tensor] = None, lean: bool = False
                 ) -> torch.Tensor:
@@ -101,10 +105,13 @@ class DecoderStage(nn.Module):
             x = _lean(self.block)(x)
         else:
             x = self.block(x)
-        x = F.interpolate(x, size=size, mode=self.mode, align_corners=self.align_corners)
         inplace = self.inplace and not torch.is_grad_enabled()
-        if self.upsample_relu:
-            x = torch.relu_(x) if inplace else torch.relu(x)
+        if self.triton and not torch.is_grad_enabled() and not torch.jit.is_scripting():
+            x = upsample_relu(x, size, relu=self.upsample_relu, align_corners=self.align_corners, triton=True)
+        else:
+            x = F.interpolate(x, size=size, mode=self.mode, align_corners=self.align_corners)
+            if self.upsample_relu:
+                x = torch.relu_(x) if inplace else torch.relu(x)
         if skip is not None:
             x = accumulate(x, self.gate(x, skip) if self.gate is not None else skip, inplace)
         return x
