@@ -248,8 +248,10 @@ def test_linear_upsample_is_interpolate(shape, size, align_corners, relu):
         ref = F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
         ref = ref.relu() if relu else ref
         got = upsample_relu(x, size, relu=relu, align_corners=align_corners, triton=True)
+        again = upsample_relu(x * 2, size, relu=relu, align_corners=align_corners, triton=True)  # cached tables
     assert got.dtype == x.dtype
     torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(again, ref * 2)
 
 
 @pytest.mark.parametrize("shape,ceil_mode", [

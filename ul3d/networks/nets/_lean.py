@@ -67,11 +67,23 @@ def _slab(x: torch.Tensor, i0: torch.Tensor, i1: torch.Tensor, lam: torch.Tensor
     return head(torch.relu(y) if relu else y)
 
 
+#: the tables of :func:`_tables` by sizes, corner mode and device (they depend on nothing else): built once, not by
+#: ~20 small kernels in every forward (a sliding window replays the same few shapes)
+_TABLES: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
 def _tables(x: torch.Tensor, size: list[int], align_corners: bool) -> tuple[torch.Tensor, ...]:
     """:func:`linear_source_weights` of every spatial axis of ``x`` -> ``size``, concatenated (first axis first), as
-    the Triton upsampling kernels take them."""
-    axes = [linear_source_weights(int(i), int(o), align_corners, x.device) for i, o in zip(x.shape[2:], size)]
-    return tuple(torch.cat([a[j] for a in axes]) for j in range(3))
+    the Triton upsampling kernels take them (cached)."""
+    key = (tuple(int(i) for i in x.shape[2:]), tuple(size), bool(align_corners), x.device)
+    tables = _TABLES.get(key)
+    if tables is None:
+        axes = [linear_source_weights(int(i), int(o), align_corners, x.device) for i, o in zip(x.shape[2:], size)]
+        tables = tuple(torch.cat([a[j] for a in axes]) for j in range(3))
+        if len(_TABLES) >= 256:
+            _TABLES.clear()
+        _TABLES[key] = tables
+    return tables
 
 
 def upsample_relu(x: torch.Tensor, size: list[int], *, relu: bool = True, align_corners: bool = False,
