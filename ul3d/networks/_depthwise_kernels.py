@@ -142,15 +142,23 @@ def _rows_tap(a0, a1, a2, a3, xv, w_ptr, s: tl.constexpr, kh: tl.constexpr, kw: 
 
 
 @triton.jit
+def _branch_sum(a0, a1, a2, b_ptr, c, C, lo0, hi0, lo1, hi1, lo2, hi2, K1: tl.constexpr, K2: tl.constexpr):
+    """Eq. 2's sum over the branches of channel ``c``: Σ_b clamp(a_b + bias_b[c], lo_b, hi_b), biases (3, C)
+    (K1, K2 = 0: branch 1, 2 absent)."""
+    out = tl.minimum(tl.maximum(a0 + tl.load(b_ptr + c), lo0), hi0)
+    if K1 > 0:
+        out += tl.minimum(tl.maximum(a1 + tl.load(b_ptr + C + c), lo1), hi1)
+    if K2 > 0:
+        out += tl.minimum(tl.maximum(a2 + tl.load(b_ptr + 2 * C + c), lo2), hi2)
+    return out
+
+
+@triton.jit
 def _mkdc_row(y_ptr, a0, a1, a2, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off, mask,
               K1D: tl.constexpr, K2D: tl.constexpr, v: tl.constexpr, ROWS: tl.constexpr):
     """Store output row ``v``: Σ_b clamp(a_b + bias_b, lo_b, hi_b)."""
     if v < ROWS:
-        out = tl.minimum(tl.maximum(a0 + tl.load(b_ptr + c), lo0), hi0)
-        if K1D > 0:
-            out += tl.minimum(tl.maximum(a1 + tl.load(b_ptr + C + c), lo1), hi1)
-        if K2D > 0:
-            out += tl.minimum(tl.maximum(a2 + tl.load(b_ptr + 2 * C + c), lo2), hi2)
+        out = _branch_sum(a0, a1, a2, b_ptr, c, C, lo0, hi0, lo1, hi1, lo2, hi2, K1D, K2D)
         tl.store(y_ptr + off, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -347,11 +355,7 @@ def _stem_hidden(a0, a1, a2, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, j: tl.constex
     """Hidden channel ``j`` after the MKDC: Σ_b clamp(a_b + bias_b[j], lo_b, hi_b) (zero when j ≥ HC)."""
     h = tl.zeros_like(a0)
     if j < HC:
-        h = tl.minimum(tl.maximum(a0 + tl.load(bb_ptr + j), lo0), hi0)
-        if K1 > 0:
-            h += tl.minimum(tl.maximum(a1 + tl.load(bb_ptr + HC + j), lo1), hi1)
-        if K2 > 0:
-            h += tl.minimum(tl.maximum(a2 + tl.load(bb_ptr + 2 * HC + j), lo2), hi2)
+        h = _branch_sum(a0, a1, a2, bb_ptr, j, HC, lo0, hi0, lo1, hi1, lo2, hi2, K1, K2)
     return h
 
 
