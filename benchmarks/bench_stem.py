@@ -78,7 +78,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
     dw.STEM_TILE, dw.STEM_WARPS = saved
     name = torch.cuda.get_device_name()
-    print(f"\n{name}; torch {torch.__version__}; {args.date}\n\n| variant | path | ms | vs unfused |\n|---|---|---:|---:|")
+    print(f"\n{name}; torch {torch.__version__}; {args.date}\n")
+    print("| variant | path | ms | vs unfused |\n|---|---|---:|---:|")
     base = {r["variant"]: r["ms"] for r in rows if r["what"] == "unfused"}
     for r in rows:
         print(f"| {r['variant']} | {r['what']} | {r['ms']:.3f} | {r['ms'] / base[r['variant']]:.2f}× |")

@@ -238,9 +238,10 @@ def _bounded(module):
 
 def test_use_checkpoint_float32_within_1e_4_and_as_accurate_as_the_plain_network():
     """float32 training forward and backward: T (bounded weights) within 1e-4 of the plain network in outputs and
-    every gradient; S, where the plain network's own float32 gradients are up to ~4e-2 off (BatchNorm over few
-    voxels), about as far from the float64 result as the plain network is (median relative gradient error within 3×
-    the plain network's, outputs within 2× its error plus 1e-4)."""
+    every gradient (or, where the plain gradient is itself further from float64, no further from it than the plain);
+    S, where the plain network's own float32 gradients are up to ~4e-2 off (BatchNorm over few voxels), about as far
+    from the float64 result as the plain network is (median relative gradient error within 3× the plain network's,
+    outputs within 2× its error plus 1e-4)."""
     from ul3d.networks import get_network
 
     def run(variant):
@@ -257,9 +258,13 @@ def test_use_checkpoint_float32_within_1e_4_and_as_accurate_as_the_plain_network
         grads = [[p.grad.double() for p in net.parameters()] for net in (ref, lean, truth)]
         return outs, grads
 
-    (a, b, _), (ga, gb, _) = run("T")
+    (a, b, _), (ga, gb, gt) = run("T")
     assert (a - b).abs().max() <= 1e-4
-    assert max((p - q).abs().max() for p, q in zip(ga, gb)) <= 1e-4
+    for p, q, t in zip(ga, gb, gt):
+        # within 1e-4 of the plain gradient; where the plain network's own float32 gradient is further than that from
+        # float64 (on an AVX2-only CPU oneDNN's backward kernels put one 4e-4 off, the lean one 4e-6), no further
+        # from float64 than the plain one
+        assert (p - q).abs().max() <= 1e-4 or (q - t).abs().max() <= max((p - t).abs().max(), 1e-4)
     (a, b, t), (ga, gb, gt) = run("S")
     assert (b - t).abs().max() <= 2 * (a - t).abs().max() + 1e-4  # within the plain error band plus the tolerance
     # per-parameter relative error against float64, median over the parameters (the largest single errors sit in a

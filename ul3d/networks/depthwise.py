@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "linear_upsample", "max_pool_2x",
-           "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
+           "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv",
+           "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7

@@ -93,9 +93,9 @@ class DecoderStage(nn.Module):
         # ``inplace`` (``accelerate(inplace=True)``, inference): ReLU and skip sum overwrite the upsampled tensor
         # when autograd is off
         self.inplace = False
-        # ``triton`` (``accelerate(triton=True)``, inference with autograd off): upsampling and ReLU as one Triton kernel
-        # where Triton runs (:func:`~ul3d.networks.depthwise.linear_upsample`; PyTorch's CUDA upsampling is slow on
-        # the decoder's small volumes)
+        # ``triton`` (``accelerate(triton=True)``, inference with autograd off): upsampling and ReLU as one Triton
+        # kernel where Triton runs (:func:`~ul3d.networks.depthwise.linear_upsample`; PyTorch's CUDA upsampling is
+        # slow on the decoder's small volumes)
         self.triton = False
 
     def forward(self, x: torch.Tensor, size: list[int], skip: Optional[torch.Tensor] = None, lean: bool = False
