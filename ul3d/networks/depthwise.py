@@ -294,6 +294,15 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     return y.reshape(x.shape)
 
 
+def _tables3(x: torch.Tensor, tables: tuple[torch.Tensor, ...], size: list[int]) -> tuple:
+    """Input and output sizes as 3D and the upsampling tables with a leading entry (index 0, weight 0) for each
+    size-1 axis a 1D/2D input lacks (3D inputs: the tables as they are)."""
+    pad = 3 - (x.dim() - 2)
+    if pad:
+        tables = tuple(torch.cat([torch.zeros(pad, device=x.device, dtype=t.dtype), t]) for t in tables)
+    return _kernel3(tuple(x.shape[2:])), _kernel3(tuple(int(s) for s in size)), tables
+
+
 #: most output channels of :func:`upsample_relu_pointwise`'s kernel (accumulators per voxel)
 MAX_HEAD_CHANNELS = 16
 
@@ -320,9 +329,7 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
         raise ValueError(f"upsample_relu_pointwise: input {tuple(x.shape)}, size {list(size)} and weight "
                          f"{tuple(weight.shape)} are not a 1×1 head of at most {MAX_HEAD_CHANNELS} channels")
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    src, out = _kernel3(tuple(x.shape[2:])), _kernel3(tuple(int(s) for s in size))
-    pad = 3 - dims  # leading size-1 axes: index 0, weight 0
-    i0, i1, lam = (torch.cat([torch.zeros(pad, device=x.device, dtype=t.dtype), t]) for t in tables)
+    src, out, (i0, i1, lam) = _tables3(x, tables, size)
     y = torch.empty((n, k, *size), device=x.device, dtype=dtype)
     block = 256
     total = out[0] * out[1] * out[2]
@@ -421,9 +428,7 @@ def linear_upsample(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, t
     dims = x.dim() - 2
     if not 1 <= dims <= 3 or len(size) != dims:
         raise ValueError(f"linear_upsample: input {tuple(x.shape)} and size {list(size)} do not match")
-    src, out = _kernel3(tuple(x.shape[2:])), _kernel3(tuple(int(s) for s in size))
-    pad = 3 - dims  # leading size-1 axes: index 0, weight 0
-    i0, i1, lam = (torch.cat([torch.zeros(pad, device=x.device, dtype=t.dtype), t]) for t in tables)
+    src, out, (i0, i1, lam) = _tables3(x, tables, size)
     y = torch.empty((*x.shape[:2], *size), device=x.device, dtype=x.dtype)
     block = 512
     _kernels().upsample_relu[(-(-(out[0] * out[1] * out[2]) // block), x.shape[0] * x.shape[1])](
