@@ -108,6 +108,84 @@ def test_mkdc_inference_runs_one_kernel(dims, fold, monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("shape,cout,pad,residual,bounds", [
+    ((2, 16, 6, 5, 7), 32, (2, 2, 2), None, (0.0, 6.0)),  # an expand conv: ReLU6, padded for a 5³ MKDC
+    ((1, 20, 5, 6, 4), 16, None, "identity", (-INF, INF)),  # project + identity shortcut
+    ((2, 40, 3, 4, 5), 70, None, "conv", (-INF, INF)),  # project + 1×1 shortcut conv, two channel blocks
+    ((2, 3, 9, 10), 17, (1, 2), None, (0.0, 6.0)),  # 2D, few channels, uneven padding
+    ((1, 33, 12), 24, (3,), "conv", (0.0, INF)),  # 1D
+])
+def test_pointwise_act_is_the_plain_conv(shape, cout, pad, residual, bounds):
+    """pointwise_act (bias, activation, shortcut, zero padding) against the same ops in float64, float32 within 1e-4."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=DEVICE)
+    w, b = torch.randn(cout, shape[1], device=DEVICE) / 4, torch.randn(cout, device=DEVICE)
+    r = rw = None
+    if residual == "identity":
+        r = torch.randn(shape[0], cout, *shape[2:], device=DEVICE)
+    elif residual == "conv":
+        r, rw = torch.randn(shape[0], 11, *shape[2:], device=DEVICE), torch.randn(cout, 11, device=DEVICE) / 4
+    with torch.no_grad():
+        got = dw.pointwise_act(x, w, b, bounds, pad, r, rw)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    k = (1,) * (x.dim() - 2)
+    ref = conv(x.double(), w.double().reshape(cout, -1, *k), b.double())
+    if r is not None:
+        ref = ref + (r.double() if rw is None else conv(r.double(), rw.double().reshape(cout, -1, *k)))
+    ref = ref.clamp(*bounds)
+    if pad is not None:
+        ref = F.pad(ref, [p for p in reversed(pad) for _ in range(2)])
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    with torch.no_grad():  # the PyTorch fallback is the same function
+        plain = dw.pointwise_act(x, w, b, bounds, pad, r, rw, triton=False)
+    assert (plain.double() - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    with pytest.raises(ValueError, match="pointwise_act"):
+        dw.pointwise_act(x, w[:, :-1], b)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_multikernel_depthwise_reads_a_padded_input(dims):
+    """padded=True: the same output from the input already zero-padded for the widest kernel (kernel and fallback)."""
+    torch.manual_seed(0)
+    x = torch.randn((1, 4) + (4 if dims == 3 else 6,) * dims, device=DEVICE)
+    weights = [torch.randn(4, 1, *(k,) * dims, device=DEVICE) for k in (1, 3, 5)]
+    biases, bounds = [torch.randn(4, device=DEVICE), None, torch.randn(4, device=DEVICE)], [(0.0, 6.0)] * 3
+    xp = F.pad(x, (2,) * (2 * dims))
+    with torch.no_grad():
+        ref = multikernel_depthwise(x, weights, biases, bounds, shuffle_groups=2)
+        for triton in (True, False):
+            got = multikernel_depthwise(xp, weights, biases, bounds, shuffle_groups=2, triton=triton, padded=True)
+            assert got.shape == x.shape
+            assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    with pytest.raises(ValueError, match="padded input"):
+        multikernel_depthwise(x[..., :4], weights, biases, bounds, padded=True)  # 4 ≤ 2·2 along the last axis
+
+
+@pytest.mark.parametrize("cin,cout,dims,fold", [(4, 6, 3, True), (3, 3, 3, False), (6, 4, 2, True)])
+def test_mkir_inference_runs_three_kernels(cin, cout, dims, fold, monkeypatch):
+    """An eval-mode MKIR (1×1 shortcut conv, or identity) with autograd off: expand and project as pointwise_act, the
+    MKDC on the padded expand output; the plain block's function. Training mode and instance norm keep their paths."""
+    torch.manual_seed(0)
+    ref = _randomise_batchnorm(MKIR(dims, cin, cout)).to(DEVICE).eval()
+    fast = accelerate(fold_batchnorm(ref) if fold else copy.deepcopy(ref), triton=True, fused_mkdc=False)
+    from ul3d.networks.blocks import multikernel
+
+    calls = []
+    for name in ("pointwise_act", "multikernel_depthwise"):
+        fn = getattr(multikernel, name)
+        monkeypatch.setattr(multikernel, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+    x = torch.randn((2 if dims == 2 else 1, cin) + (4 if dims == 3 else 6,) * dims, device=DEVICE)  # (interpreter)
+    with torch.no_grad():
+        a, b = ref(x), fast(x)
+    assert calls == ["pointwise_act", "multikernel_depthwise", "pointwise_act"]
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+    assert fast.kernel_parts(x) is not None
+    assert accelerate(copy.deepcopy(ref).train(), triton=True).kernel_parts(x) is None
+    assert accelerate(MKIR(dims, cin, cout, norm="instance").to(DEVICE).eval(), triton=True).kernel_parts(x) is None
+    assert accelerate(MKIR(dims, cin, cout, act="gelu").to(DEVICE).eval(), triton=True).kernel_parts(x) is None
+
+
 def test_folded_branches_refuses_what_it_cannot_fold():
     block = MKDC(3, 4).eval()
     weights, biases, bounds = block.folded_branches()
@@ -174,7 +252,7 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
 
     for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
                          (ultralightunet, "max_pool_2x"), (multikernel, "max_pool_2x"), (multikernel, "pooled_stem"),
-                         (_lean, "linear_upsample")):
+                         (_lean, "linear_upsample"), (multikernel, "pointwise_act")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
     x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
@@ -185,6 +263,7 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     assert seen.count("pooled_stem") == stems and seen.count("multikernel_depthwise") == 10 - stems
     assert seen.count("upsample_relu_pointwise") == 1 and seen.count("max_pool_2x") == 5 - stems
     assert seen.count("linear_upsample") == 4  # the other decoder stages' upsampling + ReLU
+    assert seen.count("pointwise_act") == 2 * (10 - stems)  # expand and project of every other block
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 

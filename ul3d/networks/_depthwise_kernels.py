@@ -7,7 +7,7 @@ offset from the tile's pointers, with one mask (the output tile's bounds) shared
 import triton
 import triton.language as tl
 
-__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "stem_pooled", "upsample_relu",
+__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "pointwise", "stem_pooled", "upsample_relu",
            "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
@@ -219,6 +219,66 @@ def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, h
               K1D, K2D, 2, ROWS)
     _mkdc_row(yb, a03, a13, a23, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + 3 * H * W, plane & (dd + 3 < D),
               K1D, K2D, 3, ROWS)
+
+
+@triton.jit
+def _matmul_acc(acc, x_ptr, w_ptr, K, P, p, inside, co, cmask, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + W[co, :K] · X[:K, p] (tensor-core dots over K in steps of BK; masked rows and columns read as 0)."""
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        kmask = k < K
+        wt = tl.load(w_ptr + co[:, None] * K + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        xt = tl.load(x_ptr + k[:, None] * P + p[None, :], mask=kmask[:, None] & inside[None, :], other=0.0)
+        acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["CIN", "COUT", "CR", "D", "H", "W", "PD", "PH", "PW", "lo", "hi"])
+def pointwise(x_ptr, w_ptr, b_ptr, r_ptr, rw_ptr, y_ptr, CIN, COUT, CR, D, H, W, PD, PH, PW, lo, hi,
+              HAS_BIAS: tl.constexpr, RES: tl.constexpr, PADDED: tl.constexpr, BK: tl.constexpr,
+              BCO: tl.constexpr, BP: tl.constexpr, PRECISION: tl.constexpr):
+    """A 1×1 convolution with its epilogue, ``y[n, o, q] = clamp(Σ_i w[o, i] x[n, i, p(q)] + b[o] + r, lo, hi)``, over
+    BP output voxels × BCO output channels (program 0: voxel block, 1: n, 2: channel block), accumulated in float32.
+    RES = 0: no ``r``; 1: ``r = res[n, o, p]`` (identity shortcut, CR = COUT); 2: ``r = Σ_j rw[o, j] res[n, j, p]``
+    (a 1×1 shortcut conv of CR channels). PADDED: the output is the D×H×W result zero-padded by (PD, PH, PW) on each
+    side (``q`` runs over the padded volume, ``p(q)`` is its interior voxel; border voxels are stored as 0), so a
+    depth-wise kernel can read it as its padded input."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    co = tl.program_id(2) * BCO + tl.arange(0, BCO)
+    cmask = co < COUT
+    P = D * H * W
+    q = pid * BP + tl.arange(0, BP)
+    if PADDED:
+        Hp = H + 2 * PH
+        Wp = W + 2 * PW
+        Q = (D + 2 * PD) * Hp * Wp
+        z = q // (Hp * Wp)
+        rem = q - z * (Hp * Wp)
+        yy = rem // Wp
+        iz = z - PD
+        iy = yy - PH
+        ix = rem - yy * Wp - PW
+        inside = (q < Q) & (iz >= 0) & (iz < D) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        p = (iz * H + iy) * W + ix
+    else:
+        Q = P
+        inside = q < Q
+        p = q
+    acc = tl.zeros((BCO, BP), dtype=tl.float32)
+    acc = _matmul_acc(acc, x_ptr + n * CIN * P, w_ptr, CIN, P, p, inside, co, cmask, BK, PRECISION)
+    if RES == 2:
+        acc = _matmul_acc(acc, r_ptr + n * CR * P, rw_ptr, CR, P, p, inside, co, cmask, BK, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=cmask, other=0.0)[:, None]
+    if RES == 1:
+        acc += tl.load(r_ptr + n * CR * P + co[:, None] * P + p[None, :], mask=cmask[:, None] & inside[None, :],
+                       other=0.0).to(tl.float32)
+    acc = tl.minimum(tl.maximum(acc, lo), hi)
+    if PADDED:
+        acc = tl.where(inside[None, :], acc, 0.0)
+    tl.store(y_ptr + n * COUT * Q + co[:, None] * Q + q[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (q < Q)[None, :])
 
 
 @triton.jit

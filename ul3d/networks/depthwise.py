@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "multikernel_depthwise", "upsample_relu_pointwise", "linear_upsample", "max_pool_2x",
+__all__ = ["depthwise_conv", "multikernel_depthwise", "pointwise_act", "upsample_relu_pointwise", "linear_upsample", "max_pool_2x",
            "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv",
            "MAX_KERNEL_W", "TRITON_DTYPES"]
 
@@ -236,8 +236,8 @@ def _kernel3(kernel: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-                          bounds: list[tuple[float, float]], shuffle_groups: int = 1, triton: bool = True
-                          ) -> torch.Tensor:
+                          bounds: list[tuple[float, float]], shuffle_groups: int = 1, triton: bool = True,
+                          padded: bool = False) -> torch.Tensor:
     """``CS(Σ_b clamp(DWC_b(x) + bias_b, lo_b, hi_b))``: Eq. 2's MKDC with its norms folded into the branch convs.
 
     Args:
@@ -247,6 +247,8 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
         bounds: per branch, the activation's ``(lo, hi)`` (ReLU6: ``(0, 6)``; ``±inf`` for none).
         shuffle_groups: groups of the channel shuffle after the sum (1: none).
         triton: False computes it with PyTorch's convolutions on every device.
+        padded: x is already zero-padded by half the widest kernel on each side of every spatial axis (as
+            :func:`pointwise_act` writes it with ``pad``); the output has the unpadded size.
 
     With Triton (CUDA, or its interpreter on the CPU), 1–3 branches and x in float32/bfloat16/float16, one kernel
     computes it: every branch accumulates (in float32) from the same loads of the input tile, and the sum is stored
@@ -262,6 +264,15 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
                          "depth-wise branches with odd kernel sizes")
     if torch.is_autocast_enabled(x.device.type) and x.dtype in TRITON_DTYPES:
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    widest = tuple(max(k[i] for k in kernels) for i in range(dims))
+    if padded:
+        if any(s_ <= 2 * (k // 2) for s_, k in zip(x.shape[2:], widest)):
+            raise ValueError(f"multikernel_depthwise: padded input {tuple(x.shape)} is not larger than the padding of "
+                             f"the widest kernel {widest}")
+        if not (triton and triton_available(x.device)) or len(weights) > MAX_BRANCHES or x.dtype not in TRITON_DTYPES:
+            inner = tuple(slice(k // 2, s_ - k // 2) for s_, k in zip(x.shape[2:], widest))
+            return multikernel_depthwise(x[(slice(None), slice(None)) + inner], weights, biases, bounds, shuffle_groups,
+                                         triton)
     if not triton or not triton_available(x.device) or len(weights) > MAX_BRANCHES \
             or x.dtype not in TRITON_DTYPES:
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
@@ -271,7 +282,6 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
             y = y.clamp(lo, hi)
             out = y if out is None else out + y
         return out.unflatten(1, (shuffle_groups, c // shuffle_groups)).transpose(1, 2).flatten(1, 2)
-    widest = tuple(max(k[i] for k in kernels) for i in range(dims))
     k3 = [_kernel3(k) for k in kernels] + [(0, 0, 0)] * (MAX_BRANCHES - len(kernels))
     m3 = _kernel3(widest)
     lohi = [float(v) for b in bounds for v in b] + [0.0, 0.0] * (MAX_BRANCHES - len(bounds))
@@ -281,17 +291,102 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     n = x.shape[0]
     x5 = x.reshape(n, c, *_kernel3(tuple(x.shape[2:]))).contiguous()
     d, h, wd = x5.shape[2:]
-    y = torch.empty_like(x5)
+    if padded:
+        d, h, wd = d - 2 * (m3[0] // 2), h - 2 * (m3[1] // 2), wd - 2 * (m3[2] // 2)
+    y = torch.empty((n, c, d, h, wd), device=x.device, dtype=x.dtype)
     if d > 1:  # volumes: one tile shape at every size, so one compiled variant per dtype (small volumes are cheap)
         rows, bh, bw = MKDC_ROWS, MKDC_TILE // 32, 32
     else:
         rows, (_, bh, bw) = 1, _blocks((1, h, wd), MKDC_TILE)
     th, tw = -(-h // bh), -(-wd // bw)
     _kernels().mkdc_forward[(-(-d // rows) * th * tw, n * c)](
-        _padded(x5, m3), w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi,
+        x5 if padded else _padded(x5, m3), w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi,
         MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0], K1H=k3[1][1],
         K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2], ROWS=rows, BH=bh, BW=bw, num_warps=MKDC_WARPS)
-    return y.reshape(x.shape)
+    return y.reshape(n, c, *[s_ - 2 * (k // 2) for s_, k in zip(x.shape[2:], widest)]) if padded else y.reshape(x.shape)
+
+
+#: voxels × output channels of one :func:`pointwise_act` program, and the input channels of each of its dot products
+POINTWISE_VOXELS, POINTWISE_CHANNELS, POINTWISE_K = 128, 64, 32
+
+
+def pointwise_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  bounds: tuple[float, float] = (float("-inf"), float("inf")), pad: tuple[int, ...] | None = None,
+                  residual: torch.Tensor | None = None, residual_weight: torch.Tensor | None = None,
+                  triton: bool = True) -> torch.Tensor:
+    """``clamp(conv1x1(x, weight, bias) + r, lo, hi)``, optionally zero-padded: a 1×1 convolution with its folded norm,
+    activation and shortcut (Eq. 1's ``PWC_1`` + ReLU6, or ``PWC_2`` + residual) for inference.
+
+    Args:
+        x: ``(B, C_in, *S)`` with 1–3 spatial dimensions.
+        weight: ``(C_out, C_in)`` (or the conv's ``(C_out, C_in, 1, ...)``); bias ``(C_out,)`` or None.
+        bounds: ``(lo, hi)`` of the activation (ReLU6: ``(0, 6)``; the default: none).
+        pad: zeros added on both sides of each spatial axis of the output (so :func:`multikernel_depthwise` reads it
+            with ``padded=True``); None: none.
+        residual: added before the clamp: ``(B, C_out, *S)`` itself, or with ``residual_weight`` ``(C_out, C_r)`` the
+            1×1 conv ``residual_weight · residual`` of a ``(B, C_r, *S)`` tensor.
+        triton: False computes it with PyTorch's ops on every device.
+
+    With Triton (:func:`triton_available`) one kernel computes it (tensor-core dot products accumulated in float32,
+    exact float32 products for float32 inputs) and writes the output once: cuDNN's 1×1 convs are followed by a bias
+    add, a clamp and (before an MKDC) a padded copy, each a pass over the output. Under autocast the output is in the
+    autocast dtype."""
+    dims = x.dim() - 2
+    n, cin = x.shape[:2]
+    w2 = weight.reshape(weight.shape[0], -1)
+    cout = w2.shape[0]
+    pad3 = (0,) * (3 - dims) + tuple(int(p_) for p_ in pad) if pad is not None else (0, 0, 0)
+    if (pad is not None and len(pad) != dims) or w2.shape[1] != cin or (bias is not None and bias.shape != (cout,)) \
+            or not 1 <= dims <= 3:
+        raise ValueError(f"pointwise_act: input {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)} and pad {pad} are not a 1×1 convolution")
+    if residual is not None:
+        want = (n, residual_weight.shape[1] if residual_weight is not None else cout, *x.shape[2:])
+        if tuple(residual.shape) != want or (residual_weight is not None and residual_weight.shape[0] != cout):
+            raise ValueError(f"pointwise_act: residual {tuple(residual.shape)} (weight "
+                             f"{None if residual_weight is None else tuple(residual_weight.shape)}) does not match "
+                             f"input {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    spatial = _prod(x.shape[2:])
+    padded_size = [int(s_) + 2 * p_ for s_, p_ in zip(x.shape[2:], pad3[3 - dims:])]
+    fits = max(cin, cout, residual.shape[1] if residual is not None else 0) * max(spatial, _prod(padded_size)) < 2 ** 31
+    if not triton or not triton_available(x.device) or dtype not in TRITON_DTYPES or not fits:
+        with torch.autocast(x.device.type, enabled=False):
+            conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+            kshape = (1,) * dims
+            y = conv(x.to(dtype), w2.to(dtype).reshape(cout, cin, *kshape), None if bias is None else bias.to(dtype))
+            if residual is not None:
+                r = residual.to(dtype)
+                if residual_weight is not None:
+                    r = conv(r, residual_weight.to(dtype).reshape(cout, -1, *kshape))
+                y = y + r
+            if bounds[0] != float("-inf") or bounds[1] != float("inf"):
+                y = y.clamp(*bounds)
+            if pad is not None:
+                y = F.pad(y, [p_ for p_ in reversed(pad) for _ in range(2)])
+            return y
+    res_kind = 0 if residual is None else (2 if residual_weight is not None else 1)
+    x5 = x.to(dtype).reshape(n, cin, *_kernel3(tuple(x.shape[2:]))).contiguous()
+    r5 = None if residual is None else residual.to(dtype).reshape(n, residual.shape[1], *x5.shape[2:]).contiguous()
+    y = torch.empty((n, cout, *padded_size), device=x.device, dtype=dtype)
+    bco = min(max(_pow2(cout), 16), POINTWISE_CHANNELS)
+    bk = min(max(_pow2(max(cin, r5.shape[1] if res_kind == 2 else 0)), 16), POINTWISE_K)
+    total = _prod(padded_size)
+    _kernels().pointwise[(-(-total // POINTWISE_VOXELS), n, -(-cout // bco))](
+        x5, w2.to(dtype).contiguous(), bias.float().contiguous() if bias is not None else w2,
+        r5 if r5 is not None else x5, residual_weight.reshape(cout, -1).to(dtype).contiguous() if res_kind == 2 else w2,
+        y, cin, cout, r5.shape[1] if r5 is not None else 0, *x5.shape[2:], *pad3, float(bounds[0]), float(bounds[1]),
+        HAS_BIAS=bias is not None, RES=res_kind, PADDED=pad is not None and any(pad3), BK=bk, BCO=bco,
+        BP=POINTWISE_VOXELS, PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        num_warps=8 if bco * POINTWISE_VOXELS >= 8192 else 4)  # (4 warps spill a 64 × 128 accumulator: ptxas, sm_90)
+    return y
+
+
+def _prod(sizes) -> int:
+    out = 1
+    for s_ in sizes:
+        out *= int(s_)
+    return out
 
 
 def _tables3(x: torch.Tensor, tables: tuple[torch.Tensor, ...], size: list[int]) -> tuple:

@@ -101,6 +101,7 @@ def accelerate(
             m.pointwise_matmul = bool(pointwise_matmul)
             m.outer_product = bool(outer_product)
             m.merge_pointwise = bool(merge_pointwise)
+            m.triton = bool(triton)
         if isinstance(m, GAG):
             m.depthwise_sum = bool(merge_pointwise)
             m.triton = bool(triton)

@@ -16,8 +16,9 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..depthwise import (MAX_BRANCHES, depthwise_conv, max_pool_2x, max_pool_geometry, multikernel_depthwise,
-                         pooled_stem, stem_unsupported, triton_available, unsupported_conv)
+from ..depthwise import (MAX_BRANCHES, TRITON_DTYPES, depthwise_conv, max_pool_2x, max_pool_geometry,
+                         multikernel_depthwise, pointwise_act, pooled_stem, stem_unsupported, triton_available,
+                         unsupported_conv)
 
 __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
            "batchnorm_act", "batchnorm_of_pointwise", "conv_act", "pointwise_conv", "outer_product_conv"]
@@ -737,9 +738,17 @@ class MKIR(nn.Module):
         # shuffle becomes a permutation of the project conv's input channels, and with a one-channel input (and
         # BatchNorm folded) project and shortcut are one matrix product over [MKDC output, input]
         self.merge_pointwise = False
+        # ``triton`` (``accelerate(triton=True)``, inference with autograd off, where Triton runs): the block as three
+        # kernels, expand (+ folded norm, ReLU6, the MKDC's zero padding), the MKDC, project (+ folded norm, shortcut)
+        # (:meth:`forward_kernels`)
+        self.triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
+            if self.triton and not torch.is_grad_enabled() and triton_available(x.device):
+                parts = self.kernel_parts(x)
+                if parts is not None:
+                    return self.forward_kernels(x, parts)
             if self.merge_pointwise and not torch.is_grad_enabled() and self.mkdc_plain():
                 return self._forward_merged(x)
             if self.pointwise_matmul or (self.outer_product and x.shape[1] == 1):
@@ -762,6 +771,54 @@ class MKIR(nn.Module):
                              self.inplace)
         return out
 
+
+    @torch.jit.unused
+    def kernel_parts(self, x: torch.Tensor) -> tuple | None:
+        """What :meth:`forward_kernels` computes the block with for input ``x``: ``(expand, branches, shuffle groups,
+        project, shortcut)`` with ``expand = (weight, bias, (lo, hi))`` and ``project = (weight, bias)`` (eval-mode
+        BatchNorms folded, :func:`folded_convolution`), ``branches`` as :meth:`MKDC.folded_branches` and ``shortcut``
+        a 1×1 conv weight, ``x`` itself (``"identity"``) or None (no residual); None when the block is anything else
+        (training-mode norms, another activation, strides, a sequential MKDC, dtypes the kernels do not take)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if dtype not in TRITON_DTYPES or not isinstance(self.mkdc, MKDC) or self.mkdc.triton_unsupported() is not None:
+            return None
+        expand, project, branches = folded_convolution(self.expand), folded_convolution(self.project), \
+            self.mkdc.folded_branches()
+        if expand is None or project is None or branches is None or project[2] is not None \
+                or any(s != 1 for s in self.expand.conv.stride + self.project.conv.stride):
+            return None
+        bounds = _clamp_range(expand[2]) if expand[2] is not None else (float("-inf"), float("inf"))
+        if bounds is None:
+            return None
+        shortcut = None
+        if self.residual:
+            sc = self.shortcut
+            if isinstance(sc, nn.modules.conv._ConvNd):
+                if sc.bias is not None or any(k != 1 for k in sc.kernel_size) or any(s != 1 for s in sc.stride):
+                    return None
+                shortcut = sc.weight
+            elif isinstance(sc, nn.Identity):
+                shortcut = "identity"
+            else:
+                return None
+        return (expand[0], expand[1], bounds), branches, self.mkdc.shuffle.groups, project[:2], shortcut
+
+    @torch.jit.unused
+    def forward_kernels(self, x: torch.Tensor, parts: tuple) -> torch.Tensor:
+        """:meth:`forward` in three Triton kernels (inference; ``parts`` from :meth:`kernel_parts`): expand, its bias,
+        ReLU6 and the zero padding of the MKDC's widest kernel as one :func:`~ul3d.networks.depthwise.pointwise_act`;
+        the MKDC as :func:`~ul3d.networks.depthwise.multikernel_depthwise` reading that padded tensor; project, its
+        bias and the shortcut (identity or 1×1 conv) as another ``pointwise_act``. Every intermediate is written once
+        (the plain path adds a bias add, a clamp and a padded copy after each of cuDNN's 1×1 convs)."""
+        (we, be, bounds), branches, groups, (wp, bp), shortcut = parts
+        widest = [max(w.shape[2 + i] for w in branches[0]) // 2 for i in range(x.dim() - 2)]
+        e = pointwise_act(x, we, be, bounds, pad=widest)
+        h = multikernel_depthwise(e, *branches, shuffle_groups=groups, padded=True)
+        if shortcut is None:
+            return pointwise_act(h, wp, bp)
+        if isinstance(shortcut, str):
+            return pointwise_act(h, wp, bp, residual=x)
+        return pointwise_act(h, wp, bp, residual=x, residual_weight=shortcut.reshape(shortcut.shape[0], -1))
 
     @torch.jit.unused
     def lean_unsupported(self) -> str | None:
