@@ -181,6 +181,14 @@ def test_triton_spatial_attention_is_the_same_function(dims, no_tf32, monkeypatc
     b.square().sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.conv.weight.grad, ref.conv.weight.grad, rtol=1e-4, atol=1e-4)
+    # autograd off: ul3d's forward kernel (its depth taps a loop for 7³), the same function
+    from ul3d.networks import depthwise
+
+    launched, launch = [], depthwise._launch_forward
+    monkeypatch.setattr(depthwise, "_launch_forward", lambda *a, **k: launched.append(1) or launch(*a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert launched == [1]
 
 
 def test_one_per_group_conv_refuses_what_it_does_not_compute():

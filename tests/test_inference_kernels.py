@@ -181,6 +181,13 @@ def test_mkir_inference_runs_three_kernels(cin, cout, dims, fold, monkeypatch):
     assert calls == ["pointwise_act", "multikernel_depthwise", "pointwise_act"]
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
     assert fast.kernel_parts(x) is not None
+    with torch.no_grad():  # the kernels' prepared weights follow an in-place change of a parameter
+        assert fast.cached_kernel_parts(x) is fast.cached_kernel_parts(x)
+        for m in (ref, fast):
+            m.expand.conv.weight.mul_(1.5)
+            m.project.conv.weight.mul_(-0.5)
+        a, b = ref(x), fast(x)
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
     assert accelerate(copy.deepcopy(ref).train(), triton=True).kernel_parts(x) is None
     assert accelerate(MKIR(dims, cin, cout, norm="instance").to(DEVICE).eval(), triton=True).kernel_parts(x) is None
     assert accelerate(MKIR(dims, cin, cout, act="gelu").to(DEVICE).eval(), triton=True).kernel_parts(x) is None

@@ -31,12 +31,23 @@ def _tile(tile, D, H, W, TH, TW, KD: tl.constexpr, KH: tl.constexpr, KW: tl.cons
     return out_off, in_off, mask
 
 
+@triton.jit
+def _dw_plane(acc, xs, ws, mask, kd, Hp, Wp, KH: tl.constexpr, KW: tl.constexpr):
+    """acc + the KH×KW taps of depth tap ``kd``."""
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            wv = tl.load(ws + (kd * KH + kh) * KW + kw).to(tl.float32)
+            xv = tl.load(xs + (kd * Hp * Wp + kh * Wp + kw), mask=mask, other=0.0).to(tl.float32)
+            acc += wv * xv
+    return acc
+
+
 @triton.jit(do_not_specialize=_INTS)
 def dw_forward(xp_ptr, w_ptr, y_ptr, C, D, H, W, TH, TW,
                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-               BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+               BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, DEPTH_LOOP: tl.constexpr = False):
     """y[n, c, p] = Σ_t w[c, t] xp[n, c, p + t] over one tile (program 0: tile, 1: n·C + c); xp is x zero-padded
-    by k//2."""
+    by k//2. DEPTH_LOOP: the depth taps as a loop (large kernels: 7³ fully unrolled takes minutes to compile)."""
     tile = tl.program_id(0)
     nc = tl.program_id(1)
     c = nc % C
@@ -46,12 +57,12 @@ def dw_forward(xp_ptr, w_ptr, y_ptr, C, D, H, W, TH, TW,
     xs = xp_ptr + nc.to(tl.int64) * (D + KD - 1) * Hp * Wp + in_off
     ws = w_ptr + c * (KD * KH * KW)
     acc = tl.zeros((BD, BH, BW), dtype=tl.float32)
-    for kd in tl.static_range(KD):
-        for kh in tl.static_range(KH):
-            for kw in tl.static_range(KW):
-                wv = tl.load(ws + (kd * KH + kh) * KW + kw).to(tl.float32)
-                xv = tl.load(xs + (kd * Hp * Wp + kh * Wp + kw), mask=mask, other=0.0).to(tl.float32)
-                acc += wv * xv
+    if DEPTH_LOOP:
+        for kd in range(KD):
+            acc = _dw_plane(acc, xs, ws, mask, kd, Hp, Wp, KH, KW)
+    else:
+        for kd in tl.static_range(KD):
+            acc = _dw_plane(acc, xs, ws, mask, kd, Hp, Wp, KH, KW)
     tl.store(y_ptr + nc.to(tl.int64) * D * H * W + out_off, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -34,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "multikernel_depthwise", "pointwise_act", "upsample_relu_pointwise", "linear_upsample", "max_pool_2x",
+__all__ = ["depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act", "upsample_relu_pointwise", "linear_upsample", "max_pool_2x",
            "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv",
            "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
+#: kernels of more taps than this loop over their depth taps in the forward kernel instead of unrolling them (7³)
+DEPTH_LOOP_TAPS = 125
 #: tensor dtypes the Triton kernels read and write
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -123,7 +125,7 @@ def _launch_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bd, bh, bw = _blocks((d, h, wd), 1024)
     td, th, tw = -(-d // bd), -(-h // bh), -(-wd // bw)
     _kernels().dw_forward[(td * th * tw, n * c)](_padded(x, (kd, kh, kw)), w, y, c, d, h, wd, th, tw, KD=kd, KH=kh, KW=kw,
-                               BD=bd, BH=bh, BW=bw, num_warps=4)
+                               BD=bd, BH=bh, BW=bw, DEPTH_LOOP=kd * kh * kw > DEPTH_LOOP_TAPS, num_warps=4)
     return y
 
 
@@ -231,13 +233,25 @@ MAX_BRANCHES = 3
 MKDC_ROWS, MKDC_TILE, MKDC_WARPS = 4, 128, 4
 
 
+def pack_branches(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`multikernel_depthwise`'s kernel arguments for these branches: every branch's taps of each channel in
+    one row ``(C, Σ taps)`` and the biases as ``(MAX_BRANCHES, C)`` (zeros for absent ones), in float32."""
+    c = weights[0].shape[0]
+    w = torch.cat([wt.reshape(c, -1).float() for wt in weights], 1).contiguous()
+    zero = torch.zeros(c, device=w.device, dtype=torch.float32)
+    b = torch.stack([zero if bb is None else bb.float() for bb in biases] + [zero] * (MAX_BRANCHES - len(biases)))
+    return w, b
+
+
 def _kernel3(kernel: tuple[int, ...]) -> tuple[int, int, int]:
     return (1,) * (3 - len(kernel)) + tuple(kernel)
 
 
 def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                           bounds: list[tuple[float, float]], shuffle_groups: int = 1, triton: bool = True,
-                          padded: bool = False) -> torch.Tensor:
+                          padded: bool = False, packed: tuple[torch.Tensor, torch.Tensor] | None = None
+                          ) -> torch.Tensor:
     """``CS(Σ_b clamp(DWC_b(x) + bias_b, lo_b, hi_b))``: Eq. 2's MKDC with its norms folded into the branch convs.
 
     Args:
@@ -249,6 +263,8 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
         triton: False computes it with PyTorch's convolutions on every device.
         padded: x is already zero-padded by half the widest kernel on each side of every spatial axis (as
             :func:`pointwise_act` writes it with ``pad``); the output has the unpadded size.
+        packed: the kernel's weights and biases as :func:`pack_branches` gives them for ``weights`` and ``biases``
+            (kept by the caller across calls: packing launches a few small kernels); None packs them here.
 
     With Triton (CUDA, or its interpreter on the CPU), 1–3 branches and x in float32/bfloat16/float16, one kernel
     computes it: every branch accumulates (in float32) from the same loads of the input tile, and the sum is stored
@@ -285,9 +301,7 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     k3 = [_kernel3(k) for k in kernels] + [(0, 0, 0)] * (MAX_BRANCHES - len(kernels))
     m3 = _kernel3(widest)
     lohi = [float(v) for b in bounds for v in b] + [0.0, 0.0] * (MAX_BRANCHES - len(bounds))
-    w = torch.cat([wt.reshape(c, -1).float() for wt in weights], 1)
-    zero = torch.zeros(c, device=x.device, dtype=torch.float32)
-    b = torch.stack([zero if bb is None else bb.float() for bb in biases] + [zero] * (MAX_BRANCHES - len(biases)))
+    w, b = packed if packed is not None else pack_branches(weights, biases)
     n = x.shape[0]
     x5 = x.reshape(n, c, *_kernel3(tuple(x.shape[2:]))).contiguous()
     d, h, wd = x5.shape[2:]

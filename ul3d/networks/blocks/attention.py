@@ -151,10 +151,11 @@ class SpatialAttention(nn.Module):
         # (one per depth tap) over the depth slices plus a shifted sum (oneDNN's 3D conv to one output channel is
         # slow on the CPU: 29.5 -> 7.4 ms at 4×48³)
         self.sliced = False
-        # ``depthwise`` (``accelerate(triton=True)``; training and inference): the conv as PyTorch's depth-wise conv
-        # plus a sum of the two channels (:func:`one_per_group_conv`). cuDNN runs the 2 -> 1 conv with its generic
-        # kernel (1.39 ms at 4×48³ in bf16 on an H200); ul3d's Triton kernels are not used here: their fully
-        # unrolled 7³ variants took minutes to compile
+        # ``depthwise`` (``accelerate(triton=True)``; training and inference): the conv as a depth-wise conv plus a
+        # sum of the two channels (:func:`one_per_group_conv`); cuDNN runs the 2 -> 1 conv with its generic kernel
+        # (1.39 ms at 4×48³ in bf16 on an H200). In training PyTorch's depth-wise conv; with autograd off ul3d's
+        # Triton forward kernel, its depth taps a loop (PyTorch's kernel: 0.23 ms of a 3.9 ms H200 forward of the 3D
+        # base network at 4×48³)
         self.depthwise = False
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +163,7 @@ class SpatialAttention(nn.Module):
         desc = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
         if not torch.jit.is_scripting():  # (TorchScript skips this block)
             if self.depthwise and one_per_group_unsupported(self.conv) is None:
-                return torch.sigmoid(one_per_group_conv(desc, self.conv, triton=False))
+                return torch.sigmoid(one_per_group_conv(desc, self.conv, triton=not torch.is_grad_enabled()))
             if self.sliced and desc.dim() == 5 and not torch.is_grad_enabled():
                 return torch.sigmoid(self._conv3d_sliced(desc))
         return torch.sigmoid(self.conv(desc))

@@ -6,6 +6,7 @@ factories, so one class serves 2D and 3D.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..depthwise import (MAX_BRANCHES, TRITON_DTYPES, depthwise_conv, max_pool_2x, max_pool_geometry,
-                         multikernel_depthwise, pointwise_act, pooled_stem, stem_unsupported, triton_available,
+                         multikernel_depthwise, pack_branches, pointwise_act, pooled_stem, stem_unsupported, triton_available,
                          unsupported_conv)
 
 __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
@@ -742,11 +743,12 @@ class MKIR(nn.Module):
         # kernels, expand (+ folded norm, ReLU6, the MKDC's zero padding), the MKDC, project (+ folded norm, shortcut)
         # (:meth:`forward_kernels`)
         self.triton = False
+        self._kernel_cache: tuple | None = None  # (key, parts) of the last :meth:`cached_kernel_parts`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if self.triton and not torch.is_grad_enabled() and triton_available(x.device):
-                parts = self.kernel_parts(x)
+                parts = self.cached_kernel_parts(x)
                 if parts is not None:
                     return self.forward_kernels(x, parts)
             if self.merge_pointwise and not torch.is_grad_enabled() and self.mkdc_plain():
@@ -804,16 +806,51 @@ class MKIR(nn.Module):
         return (expand[0], expand[1], bounds), branches, self.mkdc.shuffle.groups, project[:2], shortcut
 
     @torch.jit.unused
+    def cached_kernel_parts(self, x: torch.Tensor) -> tuple | None:
+        """:meth:`kernel_parts` in the kernels' dtype (weights in x's compute dtype, biases in float32, the MKDC's
+        weights packed), kept until a parameter or buffer of the block changes (in place, e.g. an optimizer step or
+        ``load_state_dict``, or replaced) or x's device or dtype does: preparing them launches ~10 small kernels per
+        block and call (casts, folding, packing), about 0.1 ms of an H200 forward of UltraLightUNet3D base."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if torch.compiler.is_compiling():
+            key = None
+        else:
+            key = (x.device, dtype, self.training, tuple((id(t), t.data_ptr(), t._version)
+                                                          for t in itertools.chain(self.parameters(), self.buffers())))
+            if self._kernel_cache is not None and self._kernel_cache[0] == key:
+                return self._kernel_cache[1]
+        parts = self.kernel_parts(x)
+        if parts is not None:
+            (we, be, bounds), branches, groups, (wp, bp), shortcut = parts
+
+            def cast(t):
+                return None if t is None else t.detach().to(dtype).contiguous()
+
+            def f32(t):
+                return None if t is None else t.detach().float().contiguous()
+
+            branches = ([w.detach() for w in branches[0]], [f32(b) for b in branches[1]], branches[2])
+            parts = ((cast(we.reshape(we.shape[0], -1)), f32(be), bounds), branches, groups,
+                     (cast(wp.reshape(wp.shape[0], -1)), f32(bp)),
+                     shortcut if isinstance(shortcut, str) or shortcut is None
+                     else cast(shortcut.reshape(shortcut.shape[0], -1)),
+                     pack_branches(branches[0], branches[1]))
+        if key is not None:
+            self._kernel_cache = (key, parts)
+        return parts
+
+    @torch.jit.unused
     def forward_kernels(self, x: torch.Tensor, parts: tuple) -> torch.Tensor:
         """:meth:`forward` in three Triton kernels (inference; ``parts`` from :meth:`kernel_parts`): expand, its bias,
         ReLU6 and the zero padding of the MKDC's widest kernel as one :func:`~ul3d.networks.depthwise.pointwise_act`;
         the MKDC as :func:`~ul3d.networks.depthwise.multikernel_depthwise` reading that padded tensor; project, its
         bias and the shortcut (identity or 1×1 conv) as another ``pointwise_act``. Every intermediate is written once
         (the plain path adds a bias add, a clamp and a padded copy after each of cuDNN's 1×1 convs)."""
-        (we, be, bounds), branches, groups, (wp, bp), shortcut = parts
+        (we, be, bounds), branches, groups, (wp, bp), shortcut = parts[:5]
         widest = [max(w.shape[2 + i] for w in branches[0]) // 2 for i in range(x.dim() - 2)]
         e = pointwise_act(x, we, be, bounds, pad=widest)
-        h = multikernel_depthwise(e, *branches, shuffle_groups=groups, padded=True)
+        h = multikernel_depthwise(e, *branches, shuffle_groups=groups, padded=True,
+                                  packed=parts[5] if len(parts) > 5 else None)
         if shortcut is None:
             return pointwise_act(h, wp, bp)
         if isinstance(shortcut, str):
