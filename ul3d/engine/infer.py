@@ -203,7 +203,8 @@ class Predictor:
             # levers_cuda_h200_mkdc_rows_2026-12-02_quick.json), 0.061 s with the first stage + pooling and the decoder
             # upsamplings as kernels too (UNet 0.070 s; levers_cuda_h200_linear_upsample_2026-12-02_quick.json),
             # 0.051 s with every MKIR's 1×1 convs + epilogues as kernels (UNet 0.068-0.070 s;
-            # levers_cuda_h200_cached_parts_sa_2026-12-02_quick*.json). The first call on a machine compiles the Triton kernels (34 s on an H200; Triton caches them on disk)
+            # levers_cuda_h200_cached_parts_sa_2026-12-02_quick*.json). The first call on a machine compiles the Triton
+            # kernels (34 s on an H200; Triton caches them on disk)
             self.networks = [accelerate(n, fused_mkdc=False, fold_bn=True, triton=True) for n in self.networks]
             self.predictors = [CUDAGraphInference(n) for n in self.networks]
             kernels = " + Triton inference kernels" if triton_available(self.device) else ""

@@ -23,7 +23,8 @@ Triton's interpreter (``TRITON_INTERPRET=1``, used by the tests on machines with
 reads the same loads of the input tile, and bias, ReLU6, the branch sum and the channel shuffle happen before the one
 store (autograd off). :func:`upsample_relu_pointwise` is the decoder's last step in inference, a 1×1 head after
 ReLU after (tri)linear upsampling, as one kernel that never writes the full-resolution features;
-:func:`max_pool_2x` inference's 2× max-pooling without the indices PyTorch's CUDA kernel always writes.
+:func:`max_pool_2x` inference's 2× max-pooling without the indices PyTorch's CUDA kernel always writes;
+:func:`pointwise_act` an MKIR's 1×1 conv with its folded bias, activation, shortcut and (before the MKDC) zero padding.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act", "upsample_relu_pointwise", "linear_upsample", "max_pool_2x",
-           "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv",
+__all__ = ["depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act", "upsample_relu_pointwise",
+           "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv",
            "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution

@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..depthwise import (MAX_BRANCHES, TRITON_DTYPES, depthwise_conv, max_pool_2x, max_pool_geometry,
-                         multikernel_depthwise, pack_branches, pointwise_act, pooled_stem, stem_unsupported, triton_available,
-                         unsupported_conv)
+                         multikernel_depthwise, pack_branches, pointwise_act, pooled_stem, stem_unsupported,
+                         triton_available, unsupported_conv)
 
 __all__ = ["MKDC", "MKIR", "ChannelShuffle", "InvertedResidual", "MultiKernelDepthwiseConv", "MultiKernelInvertedResidual",
            "batchnorm_act", "batchnorm_of_pointwise", "conv_act", "pointwise_conv", "outer_product_conv"]
@@ -772,7 +772,6 @@ class MKIR(nn.Module):
             out = accumulate(out, conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x,
                              self.inplace)
         return out
-
 
     @torch.jit.unused
     def kernel_parts(self, x: torch.Tensor) -> tuple | None:
