@@ -181,16 +181,53 @@ def test_mkir_inference_runs_three_kernels(cin, cout, dims, fold, monkeypatch):
     assert calls == ["pointwise_act", "multikernel_depthwise", "pointwise_act"]
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
     assert fast.kernel_parts(x) is not None
-    with torch.no_grad():  # the kernels' prepared weights follow an in-place change of a parameter
-        assert fast.cached_kernel_parts(x) is fast.cached_kernel_parts(x)
+    with torch.no_grad():  # the kernels' prepared weights follow an in-place change of a parameter, in place
+        kept = fast.cached_kernel_parts(x)
+        assert fast.cached_kernel_parts(x) is kept
         for m in (ref, fast):
             m.expand.conv.weight.mul_(1.5)
             m.project.conv.weight.mul_(-0.5)
         a, b = ref(x), fast(x)
+        assert fast.cached_kernel_parts(x) is kept  # the same tensors (a CUDA graph that reads them stays valid)
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+    if not fold:  # eval -> train: batch statistics, not the prepared (folded running-statistics) weights
+        fast.train()
+        ref.train()
+        with torch.no_grad():
+            assert fast.cached_kernel_parts(x) is None
+            torch.testing.assert_close(fast(x), ref(x))
     assert accelerate(copy.deepcopy(ref).train(), triton=True).kernel_parts(x) is None
     assert accelerate(MKIR(dims, cin, cout, norm="instance").to(DEVICE).eval(), triton=True).kernel_parts(x) is None
     assert accelerate(MKIR(dims, cin, cout, act="gelu").to(DEVICE).eval(), triton=True).kernel_parts(x) is None
+
+
+def test_inference_copy_refresh_updates_the_prepared_kernel_weights_in_place():
+    """InferenceCopy.refresh writes the live network's folded weights into the copy and the MKIR kernels' prepared
+    weights in place (the tensors a CUDA graph captured at the first validation read), so the copy computes the
+    live network's new function."""
+    from ul3d.networks.fast import InferenceCopy
+
+    torch.manual_seed(0)
+    live = _randomise_batchnorm(MKIR(3, 4, 6)).to(DEVICE).eval()
+    copy_ = InferenceCopy(live, graphs=False, triton=True, fused_mkdc=False)
+    x = torch.randn(1, 4, 4, 4, 4, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), live(x), rtol=1e-4, atol=1e-4)
+        kept = [t.data_ptr() for t in multikernel_tensors(copy_.net)]
+        for p in live.parameters():
+            p.mul_(0.9).add_(0.05)
+        copy_.refresh()
+        assert [t.data_ptr() for t in multikernel_tensors(copy_.net)] == kept
+        # what a replayed graph does: the kernels on the kept tensors, without another look at the parameters
+        key, parts = copy_.net._kernel_cache
+        assert key[2] == copy_.net._state_key()
+        torch.testing.assert_close(copy_.net.forward_kernels(x, parts), live(x), rtol=1e-4, atol=1e-4)
+
+
+def multikernel_tensors(block):
+    from ul3d.networks.blocks.multikernel import _tensors
+
+    return _tensors(block._kernel_cache[1])
 
 
 def test_folded_branches_refuses_what_it_cannot_fold():

@@ -174,7 +174,9 @@ class CUDAGraphInference:
     captured run ``net`` directly; so does a shape whose capture failed (the reason is kept in ``failed``).
 
     Args:
-        net: the network, in eval mode (BatchNorm with running statistics: a graph freezes nothing else).
+        net: the network, in eval mode (BatchNorm with running statistics: a graph reads the parameters as they are
+            at each replay; the MKIR kernels' prepared weights follow in-place changes of the parameters at the next
+            eager call or :meth:`InferenceCopy.refresh`, :meth:`~ul3d.networks.blocks.MKIR.refresh_kernel_cache`).
         max_graphs: shapes captured at most; further shapes run eagerly (a sliding window needs two: the full
             window batch and the last, smaller one).
         warmup: eager forwards before each capture (cuDNN/Triton autotuning happens there, not in the graph).
@@ -264,6 +266,9 @@ class InferenceCopy(nn.Module):
             raise RuntimeError("InferenceCopy.refresh: the live network's structure changed since the copy was made")
         for key, dst in mine.items():
             dst.copy_(fresh[key])
+        for m in self.net.modules():  # the kernels' prepared weights too, in place (graphs read them)
+            if hasattr(m, "refresh_kernel_cache"):
+                m.refresh_kernel_cache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graphs(x) if self.graphs is not None else self.net(x)

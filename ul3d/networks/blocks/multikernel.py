@@ -277,6 +277,15 @@ def batchnorm_act(z: torch.Tensor, adn: nn.Module | None) -> torch.Tensor:
     return _BatchNormClampFn.apply(z, bn.weight, bn.bias, *stats, momentum, bn.eps, *bounds)
 
 
+def _tensors(parts) -> list[torch.Tensor]:
+    """The tensors of a nested tuple/list, in order."""
+    if isinstance(parts, torch.Tensor):
+        return [parts]
+    if isinstance(parts, (tuple, list)):
+        return [t for p in parts for t in _tensors(p)]
+    return []
+
+
 def accumulate(total: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
     """``total + y``; with ``inplace`` and autograd off, added into ``total`` (a fresh intermediate the caller owns),
     which saves allocating and first-touching a new full-size tensor in inference."""
@@ -774,13 +783,17 @@ class MKIR(nn.Module):
         return out
 
     @torch.jit.unused
-    def kernel_parts(self, x: torch.Tensor) -> tuple | None:
-        """What :meth:`forward_kernels` computes the block with for input ``x``: ``(expand, branches, shuffle groups,
-        project, shortcut)`` with ``expand = (weight, bias, (lo, hi))`` and ``project = (weight, bias)`` (eval-mode
-        BatchNorms folded, :func:`folded_convolution`), ``branches`` as :meth:`MKDC.folded_branches` and ``shortcut``
-        a 1×1 conv weight, ``x`` itself (``"identity"``) or None (no residual); None when the block is anything else
-        (training-mode norms, another activation, strides, a sequential MKDC, dtypes the kernels do not take)."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    def kernel_parts(self, x: torch.Tensor | torch.dtype) -> tuple | None:
+        """What :meth:`forward_kernels` computes the block with for input ``x`` (or in dtype ``x``): ``(expand,
+        branches, shuffle groups, project, shortcut)`` with ``expand = (weight, bias, (lo, hi))`` and ``project =
+        (weight, bias)`` (eval-mode BatchNorms folded, :func:`folded_convolution`), ``branches`` as
+        :meth:`MKDC.folded_branches` and ``shortcut`` a 1×1 conv weight, ``x`` itself (``"identity"``) or None (no
+        residual); None when the block is anything else (training-mode norms, another activation, strides, a
+        sequential MKDC, dtypes the kernels do not take)."""
+        if isinstance(x, torch.dtype):
+            dtype = x
+        else:
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if dtype not in TRITON_DTYPES or not isinstance(self.mkdc, MKDC) or self.mkdc.triton_unsupported() is not None:
             return None
         expand, project, branches = folded_convolution(self.expand), folded_convolution(self.project), \
@@ -809,34 +822,64 @@ class MKIR(nn.Module):
         """:meth:`kernel_parts` in the kernels' dtype (weights in x's compute dtype, biases in float32, the MKDC's
         weights packed), kept until a parameter or buffer of the block changes (in place, e.g. an optimizer step or
         ``load_state_dict``, or replaced) or x's device or dtype does: preparing them launches ~10 small kernels per
-        block and call (casts, folding, packing), about 0.1 ms of an H200 forward of UltraLightUNet3D base."""
+        block and call (casts, folding, packing), about 0.1 ms of an H200 forward of UltraLightUNet3D base. When the
+        parameters change in place the kept tensors are overwritten in place too, so a CUDA graph that read them reads
+        the new values after :meth:`refresh_kernel_cache` (``InferenceCopy.refresh`` calls it) or any eager call."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if torch.compiler.is_compiling():
-            key = None
-        else:
-            key = (x.device, dtype, self.training, tuple((id(t), t.data_ptr(), t._version)
-                                                          for t in itertools.chain(self.parameters(), self.buffers())))
-            if self._kernel_cache is not None and self._kernel_cache[0] == key:
-                return self._kernel_cache[1]
-        parts = self.kernel_parts(x)
-        if parts is not None:
-            (we, be, bounds), branches, groups, (wp, bp), shortcut = parts
+            return self._prepared_parts(dtype)
+        cache = self._kernel_cache
+        if cache is None or cache[0][:2] != (x.device, dtype):
+            parts = self._prepared_parts(dtype)
+            self._kernel_cache = ((x.device, dtype, self._state_key()), parts)
+            return parts
+        if cache[0][2] != self._state_key():
+            self.refresh_kernel_cache()
+        return self._kernel_cache[1]
 
-            def cast(t):
-                return None if t is None else t.detach().to(dtype).contiguous()
+    @torch.jit.unused
+    def refresh_kernel_cache(self) -> None:
+        """Prepare :meth:`cached_kernel_parts` again from the current parameters, written into the kept tensors in place
+        (same shapes and dtypes; otherwise they are replaced)."""
+        if self._kernel_cache is None:
+            return
+        (device, dtype, _), old = self._kernel_cache
+        new = self._prepared_parts(dtype)
+        olds, news = _tensors(old), _tensors(new)
+        if old is not None and new is not None and len(olds) == len(news) \
+                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(olds, news)):
+            with torch.no_grad():
+                for a, b in zip(olds, news):
+                    a.copy_(b)
+            new = old
+        self._kernel_cache = ((device, dtype, self._state_key()), new)
 
-            def f32(t):
-                return None if t is None else t.detach().float().contiguous()
+    @torch.jit.unused
+    def _state_key(self) -> tuple:
+        """What the prepared parts depend on: every parameter and buffer (identity, storage, in-place version) and the
+        modules' training flags."""
+        return (tuple(m.training for m in self.modules()),
+                tuple((id(t), t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers())))
 
-            branches = ([w.detach() for w in branches[0]], [f32(b) for b in branches[1]], branches[2])
-            parts = ((cast(we.reshape(we.shape[0], -1)), f32(be), bounds), branches, groups,
-                     (cast(wp.reshape(wp.shape[0], -1)), f32(bp)),
-                     shortcut if isinstance(shortcut, str) or shortcut is None
-                     else cast(shortcut.reshape(shortcut.shape[0], -1)),
-                     pack_branches(branches[0], branches[1]))
-        if key is not None:
-            self._kernel_cache = (key, parts)
-        return parts
+    @torch.jit.unused
+    def _prepared_parts(self, dtype: torch.dtype) -> tuple | None:
+        """:meth:`kernel_parts` with weights cast to ``dtype``, biases in float32 and the MKDC's weights packed."""
+        parts = self.kernel_parts(dtype)
+        if parts is None:
+            return None
+        (we, be, bounds), branches, groups, (wp, bp), shortcut = parts
+
+        def cast(t):
+            return None if t is None else t.detach().reshape(t.shape[0], -1).to(dtype).contiguous()
+
+        def f32(t):
+            return None if t is None else t.detach().float().contiguous()
+
+        weights = [w.detach().float().contiguous() for w in branches[0]]
+        biases = [f32(b) for b in branches[1]]
+        return ((cast(we), f32(be), bounds), (weights, biases, branches[2]), groups, (cast(wp), f32(bp)),
+                shortcut if shortcut is None or isinstance(shortcut, str) else cast(shortcut),
+                pack_branches(weights, biases))
 
     @torch.jit.unused
     def forward_kernels(self, x: torch.Tensor, parts: tuple) -> torch.Tensor:
