@@ -555,7 +555,9 @@ def test_keep_freed_memory_stops_page_faulting_every_activation():
 
     faults = {mode: int(subprocess.run([sys.executable, "-c", _FAULTS, mode], check=True, capture_output=True,
                                        text=True).stdout.split()[-1]) for mode in ("default", "keep")}
-    assert faults["default"] > 5000 and faults["keep"] < 0.2 * faults["default"], faults
+    if faults["default"] <= 5000:  # seen once on a 2-core AMD VM (0 faults): the kernel or glibc reused the pages
+        pytest.skip(f"glibc's default thresholds did not page-fault in this process ({faults}): nothing to compare")
+    assert faults["keep"] < 0.2 * faults["default"], faults
 
 
 def test_use_checkpoint_under_compile_updates_running_statistics_once():
