@@ -29,15 +29,16 @@ ReLU after (tri)linear upsampling, as one kernel that never writes the full-reso
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act", "upsample_relu_pointwise",
-           "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv",
-           "MAX_KERNEL_W", "TRITON_DTYPES"]
+__all__ = ["compute_dtype", "depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act",
+           "upsample_relu_pointwise", "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem",
+           "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
@@ -64,6 +65,11 @@ def _triton():
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ops on ``x`` compute in: autocast's where it is on for x's device, else x's own."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -240,9 +246,18 @@ def pack_branches(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
     one row ``(C, Σ taps)`` and the biases as ``(MAX_BRANCHES, C)`` (zeros for absent ones), in float32."""
     c = weights[0].shape[0]
     w = torch.cat([wt.reshape(c, -1).float() for wt in weights], 1).contiguous()
-    zero = torch.zeros(c, device=w.device, dtype=torch.float32)
-    b = torch.stack([zero if bb is None else bb.float() for bb in biases] + [zero] * (MAX_BRANCHES - len(biases)))
-    return w, b
+    return w, _branch_biases(biases, c, w.device)
+
+
+def _branch_biases(biases: list[torch.Tensor | None], c: int, device: torch.device) -> torch.Tensor:
+    """The branches' biases as ``(MAX_BRANCHES, C)`` float32, zeros for absent biases and branches."""
+    zero = torch.zeros(c, device=device, dtype=torch.float32)
+    return torch.stack([zero if b is None else b.float() for b in biases] + [zero] * (MAX_BRANCHES - len(biases)))
+
+
+def _branch_bounds(bounds: list[tuple[float, float]]) -> list[float]:
+    """The branches' ``(lo, hi)`` flattened for the kernels, padded to :data:`MAX_BRANCHES`."""
+    return [float(v) for b in bounds for v in b] + [0.0, 0.0] * (MAX_BRANCHES - len(bounds))
 
 
 def _kernel3(kernel: tuple[int, ...]) -> tuple[int, int, int]:
@@ -282,12 +297,13 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     if torch.is_autocast_enabled(x.device.type) and x.dtype in TRITON_DTYPES:
         x = x.to(torch.get_autocast_dtype(x.device.type))
     widest = tuple(max(k[i] for k in kernels) for i in range(dims))
+    out_size = [s_ - 2 * (k // 2) for s_, k in zip(x.shape[2:], widest)] if padded else list(x.shape[2:])
     if padded:
-        if any(s_ <= 2 * (k // 2) for s_, k in zip(x.shape[2:], widest)):
+        if min(out_size) < 1:
             raise ValueError(f"multikernel_depthwise: padded input {tuple(x.shape)} is not larger than the padding of "
                              f"the widest kernel {widest}")
         if not (triton and triton_available(x.device)) or len(weights) > MAX_BRANCHES or x.dtype not in TRITON_DTYPES:
-            inner = tuple(slice(k // 2, s_ - k // 2) for s_, k in zip(x.shape[2:], widest))
+            inner = tuple(slice(k // 2, k // 2 + s_) for s_, k in zip(out_size, widest))
             return multikernel_depthwise(x[(slice(None), slice(None)) + inner], weights, biases, bounds, shuffle_groups,
                                          triton)
     if not triton or not triton_available(x.device) or len(weights) > MAX_BRANCHES \
@@ -301,13 +317,11 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
         return out.unflatten(1, (shuffle_groups, c // shuffle_groups)).transpose(1, 2).flatten(1, 2)
     k3 = [_kernel3(k) for k in kernels] + [(0, 0, 0)] * (MAX_BRANCHES - len(kernels))
     m3 = _kernel3(widest)
-    lohi = [float(v) for b in bounds for v in b] + [0.0, 0.0] * (MAX_BRANCHES - len(bounds))
+    lohi = _branch_bounds(bounds)
     w, b = packed if packed is not None else pack_branches(weights, biases)
     n = x.shape[0]
     x5 = x.reshape(n, c, *_kernel3(tuple(x.shape[2:]))).contiguous()
-    d, h, wd = x5.shape[2:]
-    if padded:
-        d, h, wd = d - 2 * (m3[0] // 2), h - 2 * (m3[1] // 2), wd - 2 * (m3[2] // 2)
+    d, h, wd = _kernel3(tuple(out_size))
     y = torch.empty((n, c, d, h, wd), device=x.device, dtype=x.dtype)
     if d > 1:  # volumes: one tile shape at every size, so one compiled variant per dtype (small volumes are cheap)
         rows, bh, bw = MKDC_ROWS, MKDC_TILE // 32, 32
@@ -318,7 +332,7 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
         x5 if padded else _padded(x5, m3), w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi,
         MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0], K1H=k3[1][1],
         K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2], ROWS=rows, BH=bh, BW=bw, num_warps=MKDC_WARPS)
-    return y.reshape(n, c, *[s_ - 2 * (k // 2) for s_, k in zip(x.shape[2:], widest)]) if padded else y.reshape(x.shape)
+    return y.reshape(n, c, *out_size)
 
 
 #: voxels × output channels of one :func:`pointwise_act` program, and the input channels of each of its dot products
@@ -361,10 +375,10 @@ def pointwise_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             raise ValueError(f"pointwise_act: residual {tuple(residual.shape)} (weight "
                              f"{None if residual_weight is None else tuple(residual_weight.shape)}) does not match "
                              f"input {tuple(x.shape)} and weight {tuple(weight.shape)}")
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    spatial = _prod(x.shape[2:])
+    dtype = compute_dtype(x)
     padded_size = [int(s_) + 2 * p_ for s_, p_ in zip(x.shape[2:], pad3[3 - dims:])]
-    fits = max(cin, cout, residual.shape[1] if residual is not None else 0) * max(spatial, _prod(padded_size)) < 2 ** 31
+    total = math.prod(padded_size)  # output voxels (>= input voxels): int32 offsets within a sample must fit
+    fits = max(cin, cout, residual.shape[1] if residual is not None else 0) * total < 2 ** 31
     if not triton or not triton_available(x.device) or dtype not in TRITON_DTYPES or not fits:
         with torch.autocast(x.device.type, enabled=False):
             conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
@@ -386,7 +400,6 @@ def pointwise_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = torch.empty((n, cout, *padded_size), device=x.device, dtype=dtype)
     bco = min(max(_pow2(cout), 16), POINTWISE_CHANNELS)
     bk = min(max(_pow2(max(cin, r5.shape[1] if res_kind == 2 else 0)), 16), POINTWISE_K)
-    total = _prod(padded_size)
     _kernels().pointwise[(-(-total // POINTWISE_VOXELS), n, -(-cout // bco))](
         x5, w2.to(dtype).contiguous(), bias.float().contiguous() if bias is not None else w2,
         r5 if r5 is not None else x5, residual_weight.reshape(cout, -1).to(dtype).contiguous() if res_kind == 2 else w2,
@@ -395,13 +408,6 @@ def pointwise_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BP=POINTWISE_VOXELS, PRECISION="ieee" if dtype == torch.float32 else "tf32",
         num_warps=8 if bco * POINTWISE_VOXELS >= 8192 else 4)  # (4 warps spill a 64 × 128 accumulator: ptxas, sm_90)
     return y
-
-
-def _prod(sizes) -> int:
-    out = 1
-    for s_ in sizes:
-        out *= int(s_)
-    return out
 
 
 def _tables3(x: torch.Tensor, tables: tuple[torch.Tensor, ...], size: list[int]) -> tuple:
@@ -438,7 +444,7 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
     if not 1 <= dims <= 3 or len(size) != dims or tuple(weight.shape) != (k, c) or k > MAX_HEAD_CHANNELS:
         raise ValueError(f"upsample_relu_pointwise: input {tuple(x.shape)}, size {list(size)} and weight "
                          f"{tuple(weight.shape)} are not a 1×1 head of at most {MAX_HEAD_CHANNELS} channels")
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compute_dtype(x)
     src, out, (i0, i1, lam) = _tables3(x, tables, size)
     y = torch.empty((n, k, *size), device=x.device, dtype=dtype)
     block = 256
@@ -493,7 +499,7 @@ def pooled_stem(x: torch.Tensor, expand: tuple[torch.Tensor, torch.Tensor | None
     we, be, (lo_e, hi_e) = expand
     weights, biases, bounds = branches
     hidden, cin = we.shape[:2]
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compute_dtype(x)
     if not triton or not triton_available(x.device) or stem_unsupported(x, we, weights, out_weight) is not None:
         with torch.autocast(x.device.type, enabled=False):
             xf = x.to(dtype)
@@ -510,8 +516,8 @@ def pooled_stem(x: torch.Tensor, expand: tuple[torch.Tensor, torch.Tensor | None
     for i, w in enumerate(weights):  # every branch's taps placed in the widest window
         r = (m - w.shape[2]) // 2
         wb[i, :, r:m - r, r:m - r, r:m - r] = w.reshape(hidden, *w.shape[2:]).float()
-    bb = torch.stack([zero if b is None else b.float() for b in biases] + [zero] * (MAX_BRANCHES - len(biases)))
-    lohi = [float(v) for b in bounds for v in b] + [0.0, 0.0] * (MAX_BRANCHES - len(bounds))
+    bb = _branch_biases(biases, hidden, x.device)
+    lohi = _branch_bounds(bounds)
     ks = [w.shape[2] for w in weights] + [0] * (MAX_BRANCHES - len(weights))
     n, _, d, h, w = x.shape
     oc = out_weight.shape[0]

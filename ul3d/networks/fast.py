@@ -64,8 +64,8 @@ def accelerate(
             kernel (:func:`~ul3d.networks.depthwise.multikernel_depthwise`), every such MKIR as three (its 1×1 convs
             with their bias, activation, shortcut and padding as :func:`~ul3d.networks.depthwise.pointwise_act`;
             :meth:`~ul3d.networks.blocks.MKIR.forward_kernels`), the spatial attention's conv as ul3d's depth-wise
-            kernel, and UltraLightUNet's last upsampling,
-            ReLU and head as another, its first stage and pooling as another
+            kernel, and UltraLightUNet's last upsampling, ReLU and head as another, its first stage and pooling as
+            another
             (:func:`~ul3d.networks.depthwise.pooled_stem`), its other max-poolings without indices
             (``triton_kernels``) and every decoder upsampling + ReLU as one kernel
             (:func:`~ul3d.networks.depthwise.linear_upsample`).

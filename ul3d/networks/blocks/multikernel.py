@@ -17,7 +17,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..depthwise import (MAX_BRANCHES, TRITON_DTYPES, depthwise_conv, max_pool_2x, max_pool_geometry,
+from ..depthwise import (MAX_BRANCHES, TRITON_DTYPES, compute_dtype, depthwise_conv, max_pool_2x, max_pool_geometry,
                          multikernel_depthwise, pack_branches, pointwise_act, pooled_stem, stem_unsupported,
                          triton_available, unsupported_conv)
 
@@ -790,10 +790,7 @@ class MKIR(nn.Module):
         :meth:`MKDC.folded_branches` and ``shortcut`` a 1×1 conv weight, ``x`` itself (``"identity"``) or None (no
         residual); None when the block is anything else (training-mode norms, another activation, strides, a
         sequential MKDC, dtypes the kernels do not take)."""
-        if isinstance(x, torch.dtype):
-            dtype = x
-        else:
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = x if isinstance(x, torch.dtype) else compute_dtype(x)
         if dtype not in TRITON_DTYPES or not isinstance(self.mkdc, MKDC) or self.mkdc.triton_unsupported() is not None:
             return None
         expand, project, branches = folded_convolution(self.expand), folded_convolution(self.project), \
@@ -825,7 +822,7 @@ class MKIR(nn.Module):
         block and call (casts, folding, packing), about 0.1 ms of an H200 forward of UltraLightUNet3D base. When the
         parameters change in place the kept tensors are overwritten in place too, so a CUDA graph that read them reads
         the new values after :meth:`refresh_kernel_cache` (``InferenceCopy.refresh`` calls it) or any eager call."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         if torch.compiler.is_compiling():
             return self._prepared_parts(dtype)
         cache = self._kernel_cache
