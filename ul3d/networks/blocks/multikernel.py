@@ -793,14 +793,10 @@ class MKIR(nn.Module):
         dtype = x if isinstance(x, torch.dtype) else compute_dtype(x)
         if dtype not in TRITON_DTYPES or not isinstance(self.mkdc, MKDC) or self.mkdc.triton_unsupported() is not None:
             return None
-        expand, project, branches = folded_convolution(self.expand), folded_convolution(self.project), \
-            self.mkdc.folded_branches()
-        if expand is None or project is None or branches is None or project[2] is not None \
-                or any(s != 1 for s in self.expand.conv.stride + self.project.conv.stride):
+        folded = self._folded_parts()
+        if folded is None or any(s != 1 for s in self.expand.conv.stride + self.project.conv.stride):
             return None
-        bounds = _clamp_range(expand[2]) if expand[2] is not None else (float("-inf"), float("inf"))
-        if bounds is None:
-            return None
+        expand, branches, project = folded
         shortcut = None
         if self.residual:
             sc = self.shortcut
@@ -812,7 +808,21 @@ class MKIR(nn.Module):
                 shortcut = "identity"
             else:
                 return None
-        return (expand[0], expand[1], bounds), branches, self.mkdc.shuffle.groups, project[:2], shortcut
+        return expand, branches, self.mkdc.shuffle.groups, project, shortcut
+
+    @torch.jit.unused
+    def _folded_parts(self) -> tuple | None:
+        """``(expand (weight, bias, (lo, hi)), branches, project (weight, bias))`` with eval-mode BatchNorms folded
+        (:func:`folded_convolution`, :meth:`MKDC.folded_branches`); None unless every part folds, expand's activation
+        is a clamp (ReLU/ReLU6/Hardtanh or none) and project has none."""
+        expand, project, branches = folded_convolution(self.expand), folded_convolution(self.project), \
+            self.mkdc.folded_branches()
+        if expand is None or project is None or branches is None or project[2] is not None:
+            return None
+        bounds = _clamp_range(expand[2]) if expand[2] is not None else (float("-inf"), float("inf"))
+        if bounds is None:
+            return None
+        return (expand[0], expand[1], bounds), branches, project[:2]
 
     @torch.jit.unused
     def cached_kernel_parts(self, x: torch.Tensor) -> tuple | None:
@@ -984,19 +994,16 @@ class MKIR(nn.Module):
         (eval-mode or folded BatchNorms, a 2×2×2 max-pool, shapes its kernel takes), or None."""
         if max_pool_geometry(pool, x.dim() - 2) != ((2, 2, 2), (2, 2, 2)) or not self.residual:
             return None
-        expand, project, branches = folded_convolution(self.expand), folded_convolution(self.project), \
-            self.mkdc.folded_branches()
-        if expand is None or project is None or branches is None or project[2] is not None:
+        folded = self._folded_parts()
+        if folded is None:
             return None
-        bounds = _clamp_range(expand[2]) if expand[2] is not None else (float("-inf"), float("inf"))
+        expand, branches, (wp, bp) = folded
         sc = self.shortcut
-        if bounds is None or not isinstance(sc, nn.modules.conv._ConvNd) \
-                or stem_unsupported(x, expand[0], branches[0], project[0]) is not None:
+        if not isinstance(sc, nn.modules.conv._ConvNd) or stem_unsupported(x, expand[0], branches[0], wp) is not None:
             return None
-        wp, bp = project[0], project[1]
         out_weight = torch.cat([self._unshuffled(wp).reshape(wp.shape[0], -1), sc.weight.reshape(wp.shape[0], -1)], 1)
         bias = [b for b in (bp, sc.bias) if b is not None]
-        return (expand[0], expand[1], bounds), branches, out_weight, sum(bias) if bias else None
+        return expand, branches, out_weight, sum(bias) if bias else None
 
     @staticmethod
     def _pool_fits(pool: nn.Module | None, x: torch.Tensor) -> bool:
