@@ -66,8 +66,8 @@ def _save(path: str | None, rows: list) -> None:
 def bench_mkdc(a, dev: torch.device) -> None:
     rows = []
     saved = dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS
-    for c in a.channels:
-        x = torch.randn(4, c, a.size, a.size, a.size, device=dev, dtype=torch.bfloat16)
+    for c, dtype in [(c, d) for c in a.channels for d in a.mkdc_dtypes]:
+        x = torch.randn(4, c, a.size, a.size, a.size, device=dev, dtype=getattr(torch, dtype))
         ws = [torch.randn(c, 1, k, k, k, device=dev) / k ** 1.5 for k in (1, 3, 5)]
         bs = [torch.randn(c, device=dev) for _ in ws]
         bounds = [(0.0, 6.0)] * 3
@@ -82,21 +82,22 @@ def bench_mkdc(a, dev: torch.device) -> None:
 
         ref = multikernel_depthwise(x.float(), ws, bs, bounds, 2, triton=False)
         variants = {"pytorch": lambda: separate(False), "triton dw + pytorch": lambda: separate(True)}
-        for depth_rows, tile, warps in a.mkdc_settings:
-            def fused(depth_rows=depth_rows, tile=tile, warps=warps):
+        for depth_rows, bh, bw, warps in a.mkdc_settings:
+            def fused(depth_rows=depth_rows, tile=(bh, bw), warps=warps):
                 dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS = depth_rows, tile, warps
                 return multikernel_depthwise(x, ws, bs, bounds, 2)
-            variants[f"fused rows {depth_rows} tile {tile} warps {warps}"] = fused
+            variants[f"fused rows {depth_rows} tile {bh}x{bw} warps {warps}"] = fused
         for name, fn in variants.items():
             with torch.no_grad():
                 err = (fn().float() - ref).abs().max().item()
-                rows.append({"op": "mkdc 1,3,5 inference", "channels": c, "size": a.size, "variant": name,
+                rows.append({"op": "mkdc 1,3,5 inference", "channels": c, "size": a.size, "dtype": dtype, "variant": name,
                              "fwd_ms": _time(fn), "max_abs_diff_vs_fp32": err})
             print(json.dumps(rows[-1]), flush=True)
     dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS = saved
-    print("\n| C | size | variant | fwd ms | max abs diff |\n|---:|---:|---|---:|---:|")
+    print("\n| C | size | input | variant | fwd ms | max abs diff |\n|---:|---:|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r['channels']} | {r['size']} | {r['variant']} | {r['fwd_ms']:.3f} | {r['max_abs_diff_vs_fp32']:.3g} |")
+        print(f"| {r['channels']} | {r['size']} | {r['dtype']} | {r['variant']} | {r['fwd_ms']:.3f} "
+              f"| {r['max_abs_diff_vs_fp32']:.3g} |")
     _save(a.out, rows)
 
 
@@ -108,8 +109,10 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--mkdc", action="store_true", help="time inference's whole MKDC instead (see above)")
     p.add_argument("--mkdc-settings", type=lambda v: tuple(int(i) for i in v.split(",")), nargs="+",
-                   default=[(1, 512, 4), (2, 128, 4), (2, 256, 4), (2, 512, 4), (4, 128, 4), (4, 256, 4)],
-                   metavar="ROWS,TILE,WARPS", help="--mkdc: the kernel's settings to time")
+                   default=[(4, 4, 32, 4), (4, 1, 128, 4), (4, 2, 128, 4), (4, 4, 128, 4), (4, 8, 64, 4)],
+                   metavar="ROWS,BH,BW,WARPS", help="--mkdc: the kernel's settings to time (rows × BH × BW tiles)")
+    p.add_argument("--mkdc-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"],
+                   help="--mkdc: the input's dtypes")
     a = p.parse_args()
     dev = torch.device("cuda")
     rows = []

@@ -127,16 +127,18 @@ def dw_weight_grad(xp_ptr, g_ptr, part_ptr, C, D, H, W, TH, TW, NC, T, TPS,
 
 
 @triton.jit
-def _rows_tap(a0, a1, a2, a3, xv, w_ptr, s: tl.constexpr, kh: tl.constexpr, kw: tl.constexpr,
+def _rows_tap(a0, a1, a2, a3, xv, w_ptr, s: tl.constexpr, kh, kw: tl.constexpr,
               MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
               KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ROWS: tl.constexpr):
     """One branch's accumulators of the program's ROWS output rows, given input row ``s`` at in-plane tap (kh, kw):
     output row v gets tap ``(s − v, kh, kw)`` where that lies inside the branch's centred KD×KH×KW kernel (decided at
-    compile time; KD = 0: no such branch). ``w_ptr``: the branch's taps of the channel."""
+    compile time for s and kw, at run time for kh; KD = 0: no such branch). ``w_ptr``: the branch's taps of the
+    channel."""
     if KD > 0:
-        if (kh - (MH - KH) // 2 >= 0) & (kh - (MH - KH) // 2 < KH):
-            if (kw - (MW - KW) // 2 >= 0) & (kw - (MW - KW) // 2 < KW):
-                tap: tl.constexpr = (kh - (MH - KH) // 2) * KW + kw - (MW - KW) // 2
+        if (kw - (MW - KW) // 2 >= 0) & (kw - (MW - KW) // 2 < KW):
+            th = kh - (MH - KH) // 2
+            if (th >= 0) & (th < KH):
+                tap = th * KW + (kw - (MW - KW) // 2)
                 first: tl.constexpr = (MD - KD) // 2  # the branch's first depth tap in the widest kernel
                 if (s - first >= 0) & (s - first < KD):
                     a0 += tl.load(w_ptr + (s - first) * KH * KW + tap) * xv
@@ -212,11 +214,12 @@ def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, h
     a00, a01, a02, a03 = zero, zero, zero, zero  # branch 0, rows 0-3
     a10, a11, a12, a13 = zero, zero, zero, zero
     a20, a21, a22, a23 = zero, zero, zero, zero
-    for s in tl.static_range(ROWS + MD - 1):
-        row_ok = plane & (dd + s < D + MD - 1)
-        for kh in tl.static_range(MH):
+    for kh in range(MH):  # a loop at run time: each row's loads and weights are live only in its iteration
+        for s in tl.static_range(ROWS + MD - 1):
+            row_ok = plane & (dd + s < D + MD - 1)
+            xr = xs + (s * Hp * Wp + kh * Wp)  # the row's pointers; the kw taps are constant offsets from them
             for kw in tl.static_range(MW):
-                xv = tl.load(xs + (s * Hp * Wp + kh * Wp + kw), mask=row_ok, other=0.0).to(tl.float32)
+                xv = tl.load(xr + kw, mask=row_ok, other=0.0).to(tl.float32)
                 a00, a01, a02, a03 = _rows_tap(a00, a01, a02, a03, xv, ws0, s, kh, kw, MD, MH, MW, K0D, K0H, K0W, ROWS)
                 a10, a11, a12, a13 = _rows_tap(a10, a11, a12, a13, xv, ws1, s, kh, kw, MD, MH, MW, K1D, K1H, K1W, ROWS)
                 a20, a21, a22, a23 = _rows_tap(a20, a21, a22, a23, xv, ws2, s, kh, kw, MD, MH, MW, K2D, K2H, K2W, ROWS)

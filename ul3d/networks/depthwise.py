@@ -237,7 +237,7 @@ MAX_BRANCHES = 3
 #: depth rows, elements of each row's tile and warps per program of :func:`multikernel_depthwise`'s kernel
 #: (``benchmarks/bench_depthwise.py --mkdc`` measures other settings; H200, 4 × 32 × 48³ bf16: 0.59 ms, where
 #: 1 row × 512 took 1.02 ms and 4 rows × 256 1.18 ms)
-MKDC_ROWS, MKDC_TILE, MKDC_WARPS = 4, 128, 4
+MKDC_ROWS, MKDC_TILE, MKDC_WARPS = 4, (4, 32), 4
 
 
 def pack_branches(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
@@ -324,9 +324,9 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     d, h, wd = _kernel3(tuple(out_size))
     y = torch.empty((n, c, d, h, wd), device=x.device, dtype=x.dtype)
     if d > 1:  # volumes: one tile shape at every size, so one compiled variant per dtype (small volumes are cheap)
-        rows, bh, bw = MKDC_ROWS, MKDC_TILE // 32, 32
+        rows, (bh, bw) = MKDC_ROWS, MKDC_TILE
     else:
-        rows, (_, bh, bw) = 1, _blocks((1, h, wd), MKDC_TILE)
+        rows, (_, bh, bw) = 1, _blocks((1, h, wd), MKDC_TILE[0] * MKDC_TILE[1])
     th, tw = -(-h // bh), -(-wd // bw)
     _kernels().mkdc_forward[(-(-d // rows) * th * tw, n * c)](
         x5 if padded else _padded(x5, m3), w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi,
