@@ -42,6 +42,15 @@ def _time(fn, iters: int = 20) -> float:
     return (time.perf_counter() - t0) / iters * 1e3
 
 
+def _tile_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """depthwise_conv with its forward on the one-load-per-tap kernel (``DW_FORWARD = "tile"``)."""
+    saved, dwmod.DW_FORWARD = dwmod.DW_FORWARD, "tile"
+    try:
+        return depthwise_conv(x, w)
+    finally:
+        dwmod.DW_FORWARD = saved
+
+
 def dw2d(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Depth-wise 3D conv ('same' padding) as Σ_d depth-wise 2D convs of depth-shifted slices."""
     b, c, d, h, wd = x.shape
@@ -65,7 +74,9 @@ def _save(path: str | None, rows: list) -> None:
 
 def bench_mkdc(a, dev: torch.device) -> None:
     rows = []
-    saved = dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS
+    saved = dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS, dwmod.MKDC_LOOP_PLANE, dwmod.MKDC_LOOP_TILE
+    if a.mkdc_loop_plane is not None:
+        dwmod.MKDC_LOOP_PLANE = a.mkdc_loop_plane
     for c, dtype in [(c, d) for c in a.channels for d in a.mkdc_dtypes]:
         x = torch.randn(4, c, a.size, a.size, a.size, device=dev, dtype=getattr(torch, dtype))
         ws = [torch.randn(c, 1, k, k, k, device=dev) / k ** 1.5 for k in (1, 3, 5)]
@@ -85,15 +96,17 @@ def bench_mkdc(a, dev: torch.device) -> None:
         for depth_rows, bh, bw, warps in a.mkdc_settings:
             def fused(depth_rows=depth_rows, tile=(bh, bw), warps=warps):
                 dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS = depth_rows, tile, warps
+                dwmod.MKDC_LOOP_TILE = tile
                 return multikernel_depthwise(x, ws, bs, bounds, 2)
             variants[f"fused rows {depth_rows} tile {bh}x{bw} warps {warps}"] = fused
         for name, fn in variants.items():
             with torch.no_grad():
                 err = (fn().float() - ref).abs().max().item()
-                rows.append({"op": "mkdc 1,3,5 inference", "channels": c, "size": a.size, "dtype": dtype, "variant": name,
+                rows.append({"op": "mkdc 1,3,5 inference", "channels": c, "size": a.size, "dtype": dtype,
+                             "loop_plane": dwmod.MKDC_LOOP_PLANE, "variant": name,
                              "fwd_ms": _time(fn), "max_abs_diff_vs_fp32": err})
             print(json.dumps(rows[-1]), flush=True)
-    dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS = saved
+    dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS, dwmod.MKDC_LOOP_PLANE, dwmod.MKDC_LOOP_TILE = saved
     print("\n| C | size | input | variant | fwd ms | max abs diff |\n|---:|---:|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['channels']} | {r['size']} | {r['dtype']} | {r['variant']} | {r['fwd_ms']:.3f} "
@@ -111,6 +124,8 @@ def main() -> None:
     p.add_argument("--mkdc-settings", type=lambda v: tuple(int(i) for i in v.split(",")), nargs="+",
                    default=[(4, 4, 32, 4), (4, 1, 128, 4), (4, 2, 128, 4), (4, 4, 128, 4), (4, 8, 64, 4)],
                    metavar="ROWS,BH,BW,WARPS", help="--mkdc: the kernel's settings to time (rows × BH × BW tiles)")
+    p.add_argument("--mkdc-loop-plane", type=int, default=None,
+                   help="--mkdc: planes of at least this many voxels loop over their rows (0: all; default: the module's)")
     p.add_argument("--mkdc-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"],
                    help="--mkdc: the input's dtypes")
     a = p.parse_args()
@@ -133,6 +148,7 @@ def main() -> None:
                 "dw2d": (torch.bfloat16, False, dw2d),
                 "triton": (torch.bfloat16, False, depthwise_conv),
                 "triton_fp32": (torch.float32, False, depthwise_conv),
+                "triton_tile": (torch.bfloat16, False, _tile_forward),
             }
             for name, (dtype, cl, fn) in variants.items():
                 x = torch.randn(*shape, device=dev, dtype=dtype)

@@ -503,9 +503,12 @@ def run_profile(args, device: torch.device, name: str) -> None:
             print("  by the op that launched the kernels, with its input shapes:")
             for r in ops:
                 print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['op']}  {r['shapes']}", flush=True)
+            sequence = [{"kernel": e.name[:60], "us": round(e.time_range.end - e.time_range.start, 1)}  # every kernel, in launch order
+                        for e in sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                                        key=lambda e: e.time_range.start)]
             report.append({"network": spec, "lever": lever, "what": "forward, batch 4" if infer else "training step",
                            "cuda_ms": total, "wall_ms": wall, "launches": sum(e.count for e in events), "top": rows,
-                           "ops": ops})
+                           "ops": ops, "sequence": sequence})
             torch.backends.cudnn.benchmark = False
             del net, step
             torch.cuda.empty_cache()

@@ -124,10 +124,18 @@ def _padded(x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
     return F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kd // 2, kd // 2)).contiguous()
 
 
+#: which kernel computes :func:`depthwise_conv`'s forward: "rows" (the MKDC kernel with one branch, no bias, clamp or
+#: shuffle: each input row loaded once serves MKDC_ROWS output rows) or "tile" (``dw_forward``, every tap one load)
+DW_FORWARD = "rows"
+
+
 def _launch_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (N, C, D, H, W) contiguous, w (C, KD, KH, KW) contiguous in x's dtype."""
     n, c, d, h, wd = x.shape
     kd, kh, kw = w.shape[1:]
+    if DW_FORWARD == "rows" and kd % 2 and kh % 2 and kw % 2:
+        inf = float("inf")
+        return multikernel_depthwise(x, [w.unsqueeze(1)], [None], [(-inf, inf)])
     y = torch.empty_like(x)
     bd, bh, bw = _blocks((d, h, wd), 1024)
     td, th, tw = -(-d // bd), -(-h // bh), -(-wd // bw)
@@ -234,10 +242,12 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 #: most branches of :func:`multikernel_depthwise`'s kernel
 MAX_BRANCHES = 3
-#: depth rows, elements of each row's tile and warps per program of :func:`multikernel_depthwise`'s kernel
-#: (``benchmarks/bench_depthwise.py --mkdc`` measures other settings; H200, 4 × 32 × 48³ bf16: 0.59 ms, where
-#: 1 row × 512 took 1.02 ms and 4 rows × 256 1.18 ms)
+#: depth rows, (H, W) tile of each row and warps per program of :func:`multikernel_depthwise`'s kernel, and the tile of
+#: planes of at least MKDC_LOOP_PLANE voxels, whose kernel loops over the in-plane rows of its taps at run time
+#: (``benchmarks/bench_depthwise.py --mkdc`` measures other settings; H200, 4 × 32 × 48³ bf16: 0.59 ms unrolled,
+#: 0.45 ms looped with 8 × 64 tiles; 4 × 64 × 24³: 0.15 ms unrolled, 0.26 ms looped)
 MKDC_ROWS, MKDC_TILE, MKDC_WARPS = 4, (4, 32), 4
+MKDC_LOOP_PLANE, MKDC_LOOP_TILE = 48 * 48, (8, 64)
 
 
 def pack_branches(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
@@ -323,15 +333,17 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     x5 = x.reshape(n, c, *_kernel3(tuple(x.shape[2:]))).contiguous()
     d, h, wd = _kernel3(tuple(out_size))
     y = torch.empty((n, c, d, h, wd), device=x.device, dtype=x.dtype)
-    if d > 1:  # volumes: one tile shape at every size, so one compiled variant per dtype (small volumes are cheap)
-        rows, (bh, bw) = MKDC_ROWS, MKDC_TILE
+    loop = d > 1 and (h * wd >= MKDC_LOOP_PLANE or math.prod(m3) > DEPTH_LOOP_TAPS)  # (7³ unrolled: minutes to compile)
+    if d > 1:  # volumes: two tile shapes, so few compiled variants per dtype (small volumes are cheap)
+        rows, (bh, bw) = MKDC_ROWS, MKDC_LOOP_TILE if loop else MKDC_TILE
     else:
         rows, (_, bh, bw) = 1, _blocks((1, h, wd), MKDC_TILE[0] * MKDC_TILE[1])
     th, tw = -(-h // bh), -(-wd // bw)
     _kernels().mkdc_forward[(-(-d // rows) * th * tw, n * c)](
         x5 if padded else _padded(x5, m3), w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi,
         MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0], K1H=k3[1][1],
-        K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2], ROWS=rows, BH=bh, BW=bw, num_warps=MKDC_WARPS)
+        K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2], ROWS=rows, BH=bh, BW=bw, ROW_LOOP=loop,
+        num_warps=MKDC_WARPS)
     return y.reshape(n, c, *out_size)
 
 
