@@ -295,7 +295,8 @@ def _padded(net, batch: int):
 
 
 @torch.no_grad()
-def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape, overlap: float, iters: int) -> dict:
+def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape, overlap: float, iters: int,
+                         sw_batch: int = 4) -> dict:
     from monai.inferers import sliding_window_inference
 
     net = _lever_net(spec, device, toks, inference=True)
@@ -303,7 +304,7 @@ def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape,
     if "ort" in toks:
         predictor = _OrtPredictor(net, torch.get_num_threads())
     elif mode:
-        predictor = _padded(torch.compile(net, mode=mode), 4)
+        predictor = _padded(torch.compile(net, mode=mode), sw_batch)
         if "graph" in toks:  # the compiled forward (inductor's fused kernels) replayed as CUDA graphs
             from ul3d.networks.fast import CUDAGraphInference
 
@@ -322,7 +323,7 @@ def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape,
 
     def run():  # bf16 autocast: always on CUDA (but with ``half``), on the CPU with the ``bf16`` token
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            sliding_window_inference(vol, ROI, 4, predictor, overlap=overlap, mode="gaussian")
+            sliding_window_inference(vol, ROI, sw_batch, predictor, overlap=overlap, mode="gaussian")
 
     t0 = time.perf_counter()
     run()
@@ -401,7 +402,7 @@ def run_levers(args, device: torch.device, name: str) -> None:
                         if bw:
                             row["bw_frac"] = row["min_gb"] * 1e9 / (row["train_ms"] / 1e3) / bw
                 if not (args.quick and cuda and compiled and "cudagraphs" in toks) and "stepgraph" not in toks:
-                    row.update(lever_sliding_window(spec, device, toks, shape, overlap, sw_iters))
+                    row.update(lever_sliding_window(spec, device, toks, shape, overlap, sw_iters, args.sw_batch))
             except Exception as e:  # noqa: BLE001 - a lever that fails is reported, the run goes on
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
             finally:
@@ -439,10 +440,12 @@ def run_levers(args, device: torch.device, name: str) -> None:
     if not cuda and threads != 2:
         tag = f"cpu_{threads}thread"
     tag += "_keepmem" if args.keep_freed_memory else ""
+    tag += f"_swbatch{args.sw_batch}" if args.sw_batch != 4 else ""
     path = out / f"levers_{tag}_{args.date}{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps({"device": name, "date": args.date, "torch": torch.__version__, "monai": monai.__version__,
                                 "settings": {"roi": ROI, "train_batch": 2, "classes": 3, "sw_shape": shape,
-                                             "overlap": overlap, "sw_batch": 4, "iters": iters, "sw_iters": sw_iters,
+                                             "overlap": overlap, "sw_batch": args.sw_batch, "iters": iters,
+                                             "sw_iters": sw_iters,
                                              "keep_freed_memory": args.keep_freed_memory,
                                              "bandwidth_Bps": bw},
                                 "rows": rows, "table": table, "seconds": time.perf_counter() - start}, indent=1))
@@ -532,6 +535,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer iterations (levers)")
     ap.add_argument("--sw-iters", type=int, default=None,
                     help="levers: timed sliding windows per row, the median is reported (default 1 on CPU, 2 on CUDA)")
+    ap.add_argument("--sw-batch", type=int, default=4,
+                    help="sliding-window batch (levers; default 4, as MONAI's and ul3d's configs)")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="levers: skip compiled levers once this many seconds have passed (default 240)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 2 on CPU)")

@@ -314,15 +314,17 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 
-@pytest.mark.parametrize("cin,out,shape,kernels,fold", [
-    (1, 16, (1, 2, 6, 20), (1, 3, 5), True),  # the network's first stage (base), one program
-    (1, 4, (2, 2, 4, 6), (1, 3, 5), False),  # BatchNorm folded on the fly, two samples
-    (2, 8, (1, 4, 4, 8), (3, 5), True),  # a two-channel image (prostate), two branches
+@pytest.mark.parametrize("cin,out,shape,kernels,fold,skip", [
+    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, True),  # the network's first stage (base), one program
+    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, False),  # ... with the out-of-window taps as weights of 0
+    (1, 4, (2, 2, 4, 6), (1, 3, 5), False, True),  # BatchNorm folded on the fly, two samples
+    (2, 8, (1, 4, 4, 8), (3, 5), True, True),  # a two-channel image (prostate), two branches
 ])
-def test_pooled_stem_is_the_plain_stage(cin, out, shape, kernels, fold, monkeypatch):
+def test_pooled_stem_is_the_plain_stage(cin, out, shape, kernels, fold, skip, monkeypatch):
     """An eval-mode MKIR on a few-channel image followed by 2× max-pooling, with autograd off, runs as one kernel
-    (pooled_stem) and computes pool(block(x))."""
+    (pooled_stem) and computes pool(block(x)), whether the narrower branches skip their out-of-window taps or not."""
     torch.manual_seed(0)
+    monkeypatch.setattr(dw, "STEM_SKIP", skip)
     ref = _randomise_batchnorm(MKIR(3, cin, out, kernels=kernels)).to(DEVICE).eval()
     fast = fold_batchnorm(ref) if fold else copy.deepcopy(ref)
     pool = nn.MaxPool3d(2, ceil_mode=True)

@@ -472,6 +472,8 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
 STEM_MAX_INPUTS, STEM_MAX_HIDDEN = 2, 4
 #: pooled tile (rows × columns) of one :func:`pooled_stem` program (8·8·16 full-resolution voxels) and its warps
 STEM_TILE, STEM_WARPS = (8, 16), 4
+#: skip the narrower MKDC branches' taps outside their windows by a uniform branch (False: weights of 0, the old code)
+STEM_SKIP = True
 
 
 def stem_unsupported(x: torch.Tensor, expand_weight: torch.Tensor, weights: list[torch.Tensor],
@@ -542,7 +544,8 @@ def pooled_stem(x: torch.Tensor, expand: tuple[torch.Tensor, torch.Tensor | None
         _padded(x, (m, m, m)), we.reshape(hidden, cin).float().contiguous(),
         be.float().contiguous() if be is not None else zero, wb.reshape(MAX_BRANCHES, hidden, taps), bb,
         out_weight.float().contiguous(), bo, y, d, h, w, ph, pw, th, tw, float(lo_e), float(hi_e), *lohi,
-        CIN=cin, HC=hidden, OC=oc, K0=ks[0], K1=ks[1], K2=ks[2], M=m, PBH=bh, PBW=bw, num_warps=STEM_WARPS)
+        CIN=cin, HC=hidden, OC=oc, K0=ks[0], K1=ks[1], K2=ks[2], M=m, PBH=bh, PBW=bw, SKIP=STEM_SKIP,
+        num_warps=STEM_WARPS)
     return y
 
 
