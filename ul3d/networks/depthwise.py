@@ -349,6 +349,13 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
 
 #: voxels × output channels of one :func:`pointwise_act` program, and the input channels of each of its dot products
 POINTWISE_VOXELS, POINTWISE_CHANNELS, POINTWISE_K = 128, 64, 32
+#: warps of one :func:`pointwise_act` program (None: 8 for 64 × 128 accumulators and up, else 4) and its software
+#: pipeline stages over the input channels (None: Triton's default)
+POINTWISE_WARPS, POINTWISE_STAGES = None, None
+
+
+def _launch_options(warps: int, stages: int | None) -> dict:
+    return {"num_warps": warps, **({"num_stages": stages} if stages else {})}
 
 
 def pointwise_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -418,7 +425,8 @@ def pointwise_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         y, cin, cout, r5.shape[1] if r5 is not None else 0, *x5.shape[2:], *pad3, float(bounds[0]), float(bounds[1]),
         HAS_BIAS=bias is not None, RES=res_kind, PADDED=pad is not None and any(pad3), BK=bk, BCO=bco,
         BP=POINTWISE_VOXELS, PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        num_warps=8 if bco * POINTWISE_VOXELS >= 8192 else 4)  # (4 warps spill a 64 × 128 accumulator: ptxas, sm_90)
+        **_launch_options(POINTWISE_WARPS or (8 if bco * POINTWISE_VOXELS >= 8192 else 4), POINTWISE_STAGES))
+    # (4 warps spill a 64 × 128 accumulator: ptxas, sm_90)
     return y
 
 
