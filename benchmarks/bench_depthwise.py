@@ -74,7 +74,9 @@ def _save(path: str | None, rows: list) -> None:
 
 def bench_mkdc(a, dev: torch.device) -> None:
     rows = []
-    saved = dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS, dwmod.MKDC_LOOP_PLANE, dwmod.MKDC_LOOP_TILE
+    saved = (dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS, dwmod.MKDC_LOOP_PLANE, dwmod.MKDC_LOOP_TILE,
+             dwmod.MKDC_GRID, dwmod.MKDC_GRID_PLANE)
+    dwmod.MKDC_GRID, dwmod.MKDC_GRID_PLANE = None, 0
     if a.mkdc_loop_plane is not None:
         dwmod.MKDC_LOOP_PLANE = a.mkdc_loop_plane
     for c, dtype in [(c, d) for c in a.channels for d in a.mkdc_dtypes]:
@@ -99,14 +101,25 @@ def bench_mkdc(a, dev: torch.device) -> None:
                 dwmod.MKDC_LOOP_TILE = tile
                 return multikernel_depthwise(x, ws, bs, bounds, 2)
             variants[f"fused rows {depth_rows} tile {bh}x{bw} warps {warps}"] = fused
+        for grid in a.mkdc_grid:
+            def fused_grid(grid=grid):
+                dwmod.MKDC_GRID = grid
+                try:
+                    return multikernel_depthwise(x, ws, bs, bounds, 2)
+                finally:
+                    dwmod.MKDC_GRID = None
+            variants["grid rows {} x {} tile {}x{} warps {}".format(*grid)] = fused_grid
         for name, fn in variants.items():
             with torch.no_grad():
-                err = (fn().float() - ref).abs().max().item()
+                t0 = time.perf_counter()
+                err = (fn().float() - ref).abs().max().item()  # (the first call compiles)
+                first_s = time.perf_counter() - t0
                 rows.append({"op": "mkdc 1,3,5 inference", "channels": c, "size": a.size, "dtype": dtype,
-                             "loop_plane": dwmod.MKDC_LOOP_PLANE, "variant": name,
+                             "loop_plane": dwmod.MKDC_LOOP_PLANE, "variant": name, "first_call_s": first_s,
                              "fwd_ms": _time(fn), "max_abs_diff_vs_fp32": err})
             print(json.dumps(rows[-1]), flush=True)
-    dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS, dwmod.MKDC_LOOP_PLANE, dwmod.MKDC_LOOP_TILE = saved
+    (dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS, dwmod.MKDC_LOOP_PLANE, dwmod.MKDC_LOOP_TILE,
+     dwmod.MKDC_GRID, dwmod.MKDC_GRID_PLANE) = saved
     print("\n| C | size | input | variant | fwd ms | max abs diff |\n|---:|---:|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['channels']} | {r['size']} | {r['dtype']} | {r['variant']} | {r['fwd_ms']:.3f} "
@@ -124,6 +137,9 @@ def main() -> None:
     p.add_argument("--mkdc-settings", type=lambda v: tuple(int(i) for i in v.split(",")), nargs="+",
                    default=[(4, 4, 32, 4), (4, 1, 128, 4), (4, 2, 128, 4), (4, 4, 128, 4), (4, 8, 64, 4)],
                    metavar="ROWS,BH,BW,WARPS", help="--mkdc: the kernel's settings to time (rows × BH × BW tiles)")
+    p.add_argument("--mkdc-grid", type=lambda v: tuple(int(i) for i in v.split(",")), nargs="*", default=[],
+                   metavar="ROWS,HR,BH,BW,WARPS", help="--mkdc: settings of the kernel that shares input rows in depth "
+                   "and height too (mkdc_forward_grid: ROWS depth × HR height rows of BH × BW tiles)")
     p.add_argument("--mkdc-loop-plane", type=int, default=None,
                    help="--mkdc: planes of at least this many voxels loop over their rows (0: all; default: the module's)")
     p.add_argument("--mkdc-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"],

@@ -64,6 +64,41 @@ def test_multikernel_depthwise_is_eq2(shape, kernels, groups, bounds):
     assert (plain.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+
+@pytest.mark.parametrize("shape,kernels,setting", [
+    ((1, 2, 5, 6, 7), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], (2, 2, 2, 8, 1)),  # depth and height rows cut by the volume
+    ((1, 2, 4, 9, 5), [(1, 3, 5), (3, 3, 3)], (4, 3, 2, 4, 1)),  # anisotropic, 2 branches, 2 tiles along W
+])
+def test_grid_kernel_is_eq2(shape, kernels, setting, monkeypatch):
+    """``mkdc_forward_grid`` (input rows shared in depth and height: ``MKDC_GRID``) computes Eq. 2 as well."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(dw, "MKDC_GRID", setting)
+    monkeypatch.setattr(dw, "MKDC_GRID_PLANE", 0)
+    c = shape[1]
+    x = torch.randn(*shape, device=DEVICE)
+    weights = [torch.randn(c, 1, *k, device=DEVICE) for k in kernels]
+    biases = [None if i == 1 else torch.randn(c, device=DEVICE) for i in range(len(kernels))]
+    bounds = [(0.0, 6.0), (-1.0, INF), (-INF, 2.0)][:len(kernels)]
+    ref = _reference_mkdc(x, weights, biases, bounds, 2)
+    calls = []
+    kernel = dw._kernels().mkdc_forward_grid
+    monkeypatch.setattr(dw._kernels(), "mkdc_forward_grid", _Recording(kernel, calls))
+    with torch.no_grad():
+        got = multikernel_depthwise(x, weights, biases, bounds, 2)
+    assert calls and ref.abs().max() > 1
+    assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+class _Recording:
+    """A Triton kernel that records its launches."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
 def test_multikernel_depthwise_rejects_what_it_does_not_compute():
     x = torch.randn(1, 4, 5, 5, 5)
     w = torch.randn(4, 1, 3, 3, 3)

@@ -7,7 +7,7 @@ offset from the tile's pointers, with one mask (the output tile's bounds) shared
 import triton
 import triton.language as tl
 
-__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "pointwise", "stem_pooled", "upsample_relu",
+__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "mkdc_forward_grid", "pointwise", "stem_pooled", "upsample_relu",
            "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
@@ -250,6 +250,165 @@ def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, h
               K1D, K2D, 2, ROWS)
     _mkdc_row(yb, a03, a13, a23, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + 3 * H * W, plane & (dd + 3 < D),
               K1D, K2D, 3, ROWS)
+
+
+@triton.jit
+def _hrows_tap(a0, a1, a2, a3, xv, w_ptr, dk, r: tl.constexpr, tw, wok, MH: tl.constexpr,
+               KH: tl.constexpr, KW: tl.constexpr, HR: tl.constexpr):
+    """One branch's accumulators of one output depth row and its HR (≤ 4) height rows, given the input at depth tap
+    ``dk`` of the branch, input height row ``r`` and width tap ``tw`` (``wok``: inside the kernel, else the weights
+    load as 0): output height row j gets the branch's tap (dk, r − j − (MH − KH)/2, tw) where that lies inside its
+    kernel (decided at compile time)."""
+    first: tl.constexpr = (MH - KH) // 2
+    base = w_ptr + dk * KH * KW + tw
+    if (r - first >= 0) & (r - first < KH):
+        a0 += tl.load(base + (r - first) * KW, mask=wok, other=0.0) * xv
+    if HR > 1:
+        if (r - 1 - first >= 0) & (r - 1 - first < KH):
+            a1 += tl.load(base + (r - 1 - first) * KW, mask=wok, other=0.0) * xv
+    if HR > 2:
+        if (r - 2 - first >= 0) & (r - 2 - first < KH):
+            a2 += tl.load(base + (r - 2 - first) * KW, mask=wok, other=0.0) * xv
+    if HR > 3:
+        if (r - 3 - first >= 0) & (r - 3 - first < KH):
+            a3 += tl.load(base + (r - 3 - first) * KW, mask=wok, other=0.0) * xv
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _grid_tap(a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33, xv, w_ptr,
+              s: tl.constexpr, r: tl.constexpr, kw, MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
+              KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ROWS: tl.constexpr, HR: tl.constexpr):
+    """One branch's ROWS × HR accumulators (``a{depth row}{height row}``) given the input at depth row ``s``, height
+    row ``r`` and width tap ``kw`` (at run time) of the program's window (KD = 0: no such branch): output depth row v
+    takes the branch's depth tap s − v − (MD − KD)/2 where that lies inside the kernel."""
+    if KD > 0:
+        tw = kw - (MW - KW) // 2
+        wok = (tw >= 0) & (tw < KW)
+        first: tl.constexpr = (MD - KD) // 2
+        if (s - 0 - first >= 0) & (s - 0 - first < KD):
+            a00, a01, a02, a03 = _hrows_tap(a00, a01, a02, a03, xv, w_ptr, s - first, r, tw, wok, MH, KH, KW, HR)
+        if ROWS > 1:
+            if (s - 1 - first >= 0) & (s - 1 - first < KD):
+                a10, a11, a12, a13 = _hrows_tap(a10, a11, a12, a13, xv, w_ptr, s - 1 - first, r, tw, wok,
+                                                MH, KH, KW, HR)
+        if ROWS > 2:
+            if (s - 2 - first >= 0) & (s - 2 - first < KD):
+                a20, a21, a22, a23 = _hrows_tap(a20, a21, a22, a23, xv, w_ptr, s - 2 - first, r, tw, wok,
+                                                MH, KH, KW, HR)
+        if ROWS > 3:
+            if (s - 3 - first >= 0) & (s - 3 - first < KD):
+                a30, a31, a32, a33 = _hrows_tap(a30, a31, a32, a33, xv, w_ptr, s - 3 - first, r, tw, wok,
+                                                MH, KH, KW, HR)
+    return a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33
+
+
+@triton.jit
+def _grid_row(y_ptr, a0, a1, a2, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off, mask,
+              K1D: tl.constexpr, K2D: tl.constexpr, v: tl.constexpr, j: tl.constexpr, ROWS: tl.constexpr,
+              HR: tl.constexpr):
+    """Store output depth row ``v``, height row ``j`` of :func:`mkdc_forward_grid`'s program."""
+    if (v < ROWS) & (j < HR):
+        out = _branch_sum(a0, a1, a2, b_ptr, c, C, lo0, hi0, lo1, hi1, lo2, hi2, K1D, K2D)
+        tl.store(y_ptr + off, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_INTS + ["NPG", "G", "lo0", "hi0", "lo1", "hi1", "lo2", "hi2"])
+def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, hi0, lo1, hi1, lo2, hi2,
+                      MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
+                      K0D: tl.constexpr, K0H: tl.constexpr, K0W: tl.constexpr,
+                      K1D: tl.constexpr, K1H: tl.constexpr, K1W: tl.constexpr,
+                      K2D: tl.constexpr, K2H: tl.constexpr, K2W: tl.constexpr,
+                      ROWS: tl.constexpr, HR: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """:func:`mkdc_forward`'s function (Eq. 2, BatchNorm folded, channel shuffle by the store) with the input rows
+    shared in height too: a program computes ROWS (≤ 4) depth rows × HR (≤ 4) height rows of a BH×BW tile of one
+    (n, c) plane, tile row i covering output height rows ``(th·BH + i)·HR + j``, j < HR. Every load of an input row
+    (depth s, height r) serves every branch and every output row it reaches, so a program takes
+    (ROWS + MD − 1)·(HR + MH − 1)·MW loads for ROWS·HR output rows (5³, 4 × 4 rows: 20 per output voxel instead of
+    :func:`mkdc_forward`'s 50), and every weight load serves BH·BW / threads voxels of each output row. The width
+    taps are a loop at run time (fully unrolled, Triton's coalescing pass took minutes for 4 × 4 rows); a narrower
+    branch's taps outside its width load as zero weights."""
+    tile = tl.program_id(0)
+    nc = tl.program_id(1)
+    c = nc % C
+    n = nc // C
+    Hp = H + MH - 1
+    Wp = W + MW - 1
+    tw = tile % TW
+    th = (tile // TW) % TH
+    d0 = (tile // (TW * TH)) * ROWS
+    oh = (th * BH + tl.arange(0, BH)[:, None]) * HR  # each tile row's first output height row
+    ow = tw * BW + tl.arange(0, BW)[None, :]
+    inw = ow < W
+    dd = d0 + tl.zeros((BH, BW), dtype=tl.int32)  # the first row's depth, as a tile (masks are tiles)
+    xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + d0 * Hp * Wp + oh * Wp + ow
+    T0: tl.constexpr = K0D * K0H * K0W
+    T1: tl.constexpr = K1D * K1H * K1W
+    ws0 = w_ptr + c * (T0 + T1 + K2D * K2H * K2W)
+    ws1 = ws0 + T0
+    ws2 = ws1 + T1
+    zero = tl.zeros((BH, BW), dtype=tl.float32)
+    u000, u001, u002, u003, u010, u011, u012, u013, u020, u021, u022, u023, u030, u031, u032, u033 = (
+        zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
+    u100, u101, u102, u103, u110, u111, u112, u113, u120, u121, u122, u123, u130, u131, u132, u133 = (
+        zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
+    u200, u201, u202, u203, u210, u211, u212, u213, u220, u221, u222, u223, u230, u231, u232, u233 = (
+        zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
+    for kw in range(MW):  # the width taps at run time (one compiled body: minutes less to compile)
+        for s in tl.static_range(ROWS + MD - 1):
+            for r in tl.static_range(HR + MH - 1):
+                row_ok = inw & (oh + r < Hp) & (dd + s < D + MD - 1)
+                xv = tl.load(xs + (s * Hp * Wp + r * Wp) + kw, mask=row_ok, other=0.0).to(tl.float32)
+                (u000, u001, u002, u003, u010, u011, u012, u013,
+                 u020, u021, u022, u023, u030, u031, u032, u033) = _grid_tap(
+                    u000, u001, u002, u003, u010, u011, u012, u013,
+                    u020, u021, u022, u023, u030, u031, u032, u033, xv, ws0, s, r, kw,
+                    MD, MH, MW, K0D, K0H, K0W, ROWS, HR)
+                (u100, u101, u102, u103, u110, u111, u112, u113,
+                 u120, u121, u122, u123, u130, u131, u132, u133) = _grid_tap(
+                    u100, u101, u102, u103, u110, u111, u112, u113,
+                    u120, u121, u122, u123, u130, u131, u132, u133, xv, ws1, s, r, kw,
+                    MD, MH, MW, K1D, K1H, K1W, ROWS, HR)
+                (u200, u201, u202, u203, u210, u211, u212, u213,
+                 u220, u221, u222, u223, u230, u231, u232, u233) = _grid_tap(
+                    u200, u201, u202, u203, u210, u211, u212, u213,
+                    u220, u221, u222, u223, u230, u231, u232, u233, xv, ws2, s, r, kw,
+                    MD, MH, MW, K2D, K2H, K2W, ROWS, HR)
+    oc = (c % NPG) * G + c // NPG
+    yb = y_ptr + (n * C + oc).to(tl.int64) * D * H * W
+    off = d0 * H * W + oh * W + ow
+    _grid_row(yb, u000, u100, u200, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (0 * H + 0) * W,
+              inw & (oh + 0 < H) & (dd + 0 < D), K1D, K2D, 0, 0, ROWS, HR)
+    _grid_row(yb, u001, u101, u201, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (0 * H + 1) * W,
+              inw & (oh + 1 < H) & (dd + 0 < D), K1D, K2D, 0, 1, ROWS, HR)
+    _grid_row(yb, u002, u102, u202, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (0 * H + 2) * W,
+              inw & (oh + 2 < H) & (dd + 0 < D), K1D, K2D, 0, 2, ROWS, HR)
+    _grid_row(yb, u003, u103, u203, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (0 * H + 3) * W,
+              inw & (oh + 3 < H) & (dd + 0 < D), K1D, K2D, 0, 3, ROWS, HR)
+    _grid_row(yb, u010, u110, u210, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (1 * H + 0) * W,
+              inw & (oh + 0 < H) & (dd + 1 < D), K1D, K2D, 1, 0, ROWS, HR)
+    _grid_row(yb, u011, u111, u211, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (1 * H + 1) * W,
+              inw & (oh + 1 < H) & (dd + 1 < D), K1D, K2D, 1, 1, ROWS, HR)
+    _grid_row(yb, u012, u112, u212, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (1 * H + 2) * W,
+              inw & (oh + 2 < H) & (dd + 1 < D), K1D, K2D, 1, 2, ROWS, HR)
+    _grid_row(yb, u013, u113, u213, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (1 * H + 3) * W,
+              inw & (oh + 3 < H) & (dd + 1 < D), K1D, K2D, 1, 3, ROWS, HR)
+    _grid_row(yb, u020, u120, u220, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (2 * H + 0) * W,
+              inw & (oh + 0 < H) & (dd + 2 < D), K1D, K2D, 2, 0, ROWS, HR)
+    _grid_row(yb, u021, u121, u221, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (2 * H + 1) * W,
+              inw & (oh + 1 < H) & (dd + 2 < D), K1D, K2D, 2, 1, ROWS, HR)
+    _grid_row(yb, u022, u122, u222, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (2 * H + 2) * W,
+              inw & (oh + 2 < H) & (dd + 2 < D), K1D, K2D, 2, 2, ROWS, HR)
+    _grid_row(yb, u023, u123, u223, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (2 * H + 3) * W,
+              inw & (oh + 3 < H) & (dd + 2 < D), K1D, K2D, 2, 3, ROWS, HR)
+    _grid_row(yb, u030, u130, u230, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (3 * H + 0) * W,
+              inw & (oh + 0 < H) & (dd + 3 < D), K1D, K2D, 3, 0, ROWS, HR)
+    _grid_row(yb, u031, u131, u231, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (3 * H + 1) * W,
+              inw & (oh + 1 < H) & (dd + 3 < D), K1D, K2D, 3, 1, ROWS, HR)
+    _grid_row(yb, u032, u132, u232, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (3 * H + 2) * W,
+              inw & (oh + 2 < H) & (dd + 3 < D), K1D, K2D, 3, 2, ROWS, HR)
+    _grid_row(yb, u033, u133, u233, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off + (3 * H + 3) * W,
+              inw & (oh + 3 < H) & (dd + 3 < D), K1D, K2D, 3, 3, ROWS, HR)
 
 
 @triton.jit

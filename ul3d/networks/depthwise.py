@@ -248,6 +248,10 @@ MAX_BRANCHES = 3
 #: 0.45 ms looped with 8 × 64 tiles; 4 × 64 × 24³: 0.15 ms unrolled, 0.26 ms looped)
 MKDC_ROWS, MKDC_TILE, MKDC_WARPS = 4, (4, 32), 4
 MKDC_LOOP_PLANE, MKDC_LOOP_TILE = 48 * 48, (8, 64)
+#: ``(depth rows, height rows, BH, BW, warps)`` of ``mkdc_forward_grid`` (input rows shared in depth and height) for
+#: volumes whose planes have at least MKDC_GRID_PLANE voxels, or None: :func:`multikernel_depthwise` runs
+#: ``mkdc_forward`` there as elsewhere
+MKDC_GRID, MKDC_GRID_PLANE = None, 48 * 48
 
 
 def pack_branches(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
@@ -338,12 +342,20 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
         rows, (bh, bw) = MKDC_ROWS, MKDC_LOOP_TILE if loop else MKDC_TILE
     else:
         rows, (_, bh, bw) = 1, _blocks((1, h, wd), MKDC_TILE[0] * MKDC_TILE[1])
+    xp = x5 if padded else _padded(x5, m3)
+    kernel_sizes = dict(MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0],
+                        K1H=k3[1][1], K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2])
+    if MKDC_GRID is not None and d > 1 and h * wd >= MKDC_GRID_PLANE and math.prod(m3) <= DEPTH_LOOP_TAPS:
+        rows, hrows, bh, bw, warps = MKDC_GRID
+        th, tw = -(-h // (bh * hrows)), -(-wd // bw)
+        _kernels().mkdc_forward_grid[(-(-d // rows) * th * tw, n * c)](
+            xp, w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi, **kernel_sizes, ROWS=rows,
+            HR=hrows, BH=bh, BW=bw, num_warps=warps)
+        return y.reshape(n, c, *out_size)
     th, tw = -(-h // bh), -(-wd // bw)
     _kernels().mkdc_forward[(-(-d // rows) * th * tw, n * c)](
-        x5 if padded else _padded(x5, m3), w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi,
-        MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0], K1H=k3[1][1],
-        K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2], ROWS=rows, BH=bh, BW=bw, ROW_LOOP=loop,
-        num_warps=MKDC_WARPS)
+        xp, w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi, **kernel_sizes, ROWS=rows, BH=bh,
+        BW=bw, ROW_LOOP=loop, num_warps=MKDC_WARPS)
     return y.reshape(n, c, *out_size)
 
 
