@@ -66,11 +66,12 @@ def test_multikernel_depthwise_is_eq2(shape, kernels, groups, bounds):
 
 
 @pytest.mark.parametrize("shape,kernels,setting", [
-    ((1, 2, 5, 6, 7), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], (2, 2, 2, 8, 1)),  # depth and height rows cut by the volume
+    ((1, 2, 4, 6, 7), [(1, 1, 1), (3, 3, 3), (5, 5, 5)], (2, 2, 2, 8, 1)),  # tiles partly outside the volume
     ((1, 2, 4, 9, 5), [(1, 3, 5), (3, 3, 3)], (4, 3, 2, 4, 1)),  # anisotropic, 2 branches, 2 tiles along W
 ])
 def test_grid_kernel_is_eq2(shape, kernels, setting, monkeypatch):
-    """``mkdc_forward_grid`` (input rows shared in depth and height: ``MKDC_GRID``) computes Eq. 2 as well."""
+    """``mkdc_forward_grid`` (input rows shared in depth and height: ``MKDC_GRID``) computes Eq. 2 as well, and runs
+    only where its rows divide the volume."""
     torch.manual_seed(0)
     monkeypatch.setattr(dw, "MKDC_GRID", setting)
     monkeypatch.setattr(dw, "MKDC_GRID_PLANE", 0)
@@ -87,6 +88,12 @@ def test_grid_kernel_is_eq2(shape, kernels, setting, monkeypatch):
         got = multikernel_depthwise(x, weights, biases, bounds, 2)
     assert calls and ref.abs().max() > 1
     assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    calls.clear()
+    with torch.no_grad():  # one depth row more: ROWS no longer divides it, so the other kernel runs
+        x = torch.randn(shape[0], c, shape[2] + 1, *shape[3:], device=DEVICE)
+        got = multikernel_depthwise(x, weights, biases, bounds, 2)
+    ref = _reference_mkdc(x, weights, biases, bounds, 2)
+    assert not calls and (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 class _Recording:

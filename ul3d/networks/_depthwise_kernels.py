@@ -313,8 +313,9 @@ def _grid_row(y_ptr, a0, a1, a2, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off,
         tl.store(y_ptr + off, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=_INTS + ["NPG", "G", "lo0", "hi0", "lo1", "hi1", "lo2", "hi2"])
-def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, hi0, lo1, hi1, lo2, hi2,
+@triton.jit(do_not_specialize=["C", "TH", "TW", "NPG", "G", "lo0", "hi0", "lo1", "hi1", "lo2", "hi2"])
+def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D: tl.constexpr, H: tl.constexpr, W: tl.constexpr, TH, TW,
+                      NPG, G, lo0, hi0, lo1, hi1, lo2, hi2,
                       MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
                       K0D: tl.constexpr, K0H: tl.constexpr, K0W: tl.constexpr,
                       K1D: tl.constexpr, K1H: tl.constexpr, K1W: tl.constexpr,
@@ -327,7 +328,8 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, l
     (ROWS + MD − 1)·(HR + MH − 1)·MW loads for ROWS·HR output rows (5³, 4 × 4 rows: 20 per output voxel instead of
     :func:`mkdc_forward`'s 50), and every weight load serves BH·BW / threads voxels of each output row. The width
     taps are a loop at run time (fully unrolled, Triton's coalescing pass took minutes for 4 × 4 rows); a narrower
-    branch's taps outside its width load as zero weights."""
+    branch's taps outside its width load as zero weights. D, H, W are compile-time constants (every tap one load at a
+    constant offset, no address arithmetic); needs D % ROWS = H % HR = 0."""
     tile = tl.program_id(0)
     nc = tl.program_id(1)
     c = nc % C
@@ -341,7 +343,10 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, l
     ow = tw * BW + tl.arange(0, BW)[None, :]
     inw = ow < W
     dd = d0 + tl.zeros((BH, BW), dtype=tl.int32)  # the first row's depth, as a tile (masks are tiles)
-    xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + d0 * Hp * Wp + oh * Wp + ow
+    # no load needs a mask: with D % ROWS = H % HR = 0 every program's depth rows and every tile row's height rows lie
+    # inside the volume or wholly outside it, and the columns and rows outside it read the last ones (not stored)
+    xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + d0 * Hp * Wp + tl.minimum(oh, H - HR) * Wp \
+        + tl.minimum(ow, W - 1)
     T0: tl.constexpr = K0D * K0H * K0W
     T1: tl.constexpr = K1D * K1H * K1W
     ws0 = w_ptr + c * (T0 + T1 + K2D * K2H * K2W)
@@ -357,8 +362,7 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, l
     for kw in range(MW):  # the width taps at run time (one compiled body: minutes less to compile)
         for s in tl.static_range(ROWS + MD - 1):
             for r in tl.static_range(HR + MH - 1):
-                row_ok = inw & (oh + r < Hp) & (dd + s < D + MD - 1)
-                xv = tl.load(xs + (s * Hp * Wp + r * Wp) + kw, mask=row_ok, other=0.0).to(tl.float32)
+                xv = tl.load(xs + (s * Hp * Wp + r * Wp) + kw).to(tl.float32)
                 (u000, u001, u002, u003, u010, u011, u012, u013,
                  u020, u021, u022, u023, u030, u031, u032, u033) = _grid_tap(
                     u000, u001, u002, u003, u010, u011, u012, u013,
