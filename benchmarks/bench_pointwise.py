@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cuda_timing import graph_ms
 from ul3d.networks import depthwise as dw
 from ul3d.networks.blocks import multikernel
 from ul3d.networks.fast import accelerate
@@ -28,25 +29,6 @@ from ul3d.networks.registry import build_network
 SETTINGS = [(128, 64, 32, None, None), (256, 64, 32, None, None), (64, 64, 32, None, None), (128, 32, 32, None, None),
             (128, 64, 32, None, 1), (128, 64, 32, 4, None), (256, 32, 32, 4, None), (128, 64, 64, None, None)]
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
-
-
-def graph_us(fn, iters: int = 50) -> float:
-    """Microseconds per replay of ``fn`` captured as a CUDA graph."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
 
 
 def record_calls(net: torch.nn.Module, x: torch.Tensor) -> list[tuple[tuple, dict]]:
@@ -110,7 +92,7 @@ def main() -> None:
                     kw = {**k, "triton": setting is not None}
                     got = multikernel.pointwise_act(*a, **kw)
                     diff = max(diff, (got.float() - r.float()).abs().max().item())
-                    us.append(graph_us(lambda: multikernel.pointwise_act(*a, **kw)))
+                    us.append(1e3 * graph_ms(lambda: multikernel.pointwise_act(*a, **kw), warmup=2))
                 moved = sum(m for _, m in shapes)
                 row = dict(variant=variant, path=label, total_us=sum(us), calls=[
                     dict(what=w, us=u, bytes=m) for (w, m), u in zip(shapes, us)], max_abs_diff=diff,

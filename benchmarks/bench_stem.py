@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from cuda_timing import graph_ms
 from ul3d.networks import depthwise as dw
 from ul3d.networks.fast import accelerate
 from ul3d.networks.registry import build_network
@@ -28,25 +29,6 @@ TILES = [((8, 16), 4), ((8, 16), 8), ((4, 16), 4), ((4, 32), 4), ((8, 8), 4), ((
          ((16, 16), 8)]
 #: the narrower branches' out-of-window taps: skipped (True, dw.STEM_SKIP's default) or multiplied by 0 (False)
 SKIPS = [True, False]
-
-
-def graph_ms(fn, iters: int = 50) -> float:
-    """Milliseconds per replay of ``fn`` captured as a CUDA graph."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> None:

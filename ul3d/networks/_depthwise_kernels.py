@@ -175,6 +175,17 @@ def _mkdc_row(y_ptr, a0, a1, a2, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off,
         tl.store(y_ptr + off, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _mkdc_program(C, TH, TW, ROWS: tl.constexpr):
+    """The MKDC kernels' program: its (n, c) plane ``nc = n·C + c`` (grid axis 1) and tile (axis 0: width tile ``tw``
+    fastest, then height tile ``th``, then the first of its ROWS depth rows ``d0``)."""
+    tile = tl.program_id(0)
+    nc = tl.program_id(1)
+    tw = tile % TW
+    th = (tile // TW) % TH
+    return nc, nc % C, nc // C, tw, th, (tile // (TW * TH)) * ROWS
+
+
 @triton.jit(do_not_specialize=_INTS + ["NPG", "G", "lo0", "hi0", "lo1", "hi1", "lo2", "hi2"])
 def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, hi0, lo1, hi1, lo2, hi2,
                  MD: tl.constexpr, MH: tl.constexpr, MW: tl.constexpr,
@@ -192,15 +203,9 @@ def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, h
     ROWS·MD·MH·MW (5³, 4 rows: 200 instead of 500). ROW_LOOP: the in-plane rows of the kernel as a loop at run time
     (sm_90: 64 instead of 168 registers; faster on large planes, slower on small ones).
     """
-    tile = tl.program_id(0)
-    nc = tl.program_id(1)
-    c = nc % C
-    n = nc // C
+    nc, c, n, tw, th, d0 = _mkdc_program(C, TH, TW, ROWS)
     Hp = H + MH - 1
     Wp = W + MW - 1
-    tw = tile % TW
-    th = (tile // TW) % TH
-    d0 = (tile // (TW * TH)) * ROWS
     oh = th * BH + tl.arange(0, BH)[:, None]
     ow = tw * BW + tl.arange(0, BW)[None, :]
     plane = (oh < H) & (ow < W)
@@ -330,15 +335,9 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D: tl.constexpr, H: tl.con
     taps are a loop at run time (fully unrolled, Triton's coalescing pass took minutes for 4 × 4 rows); a narrower
     branch's taps outside its width load as zero weights. D, H, W are compile-time constants (every tap one load at a
     constant offset, no address arithmetic); needs D % ROWS = H % HR = 0."""
-    tile = tl.program_id(0)
-    nc = tl.program_id(1)
-    c = nc % C
-    n = nc // C
+    nc, c, n, tw, th, d0 = _mkdc_program(C, TH, TW, ROWS)
     Hp = H + MH - 1
     Wp = W + MW - 1
-    tw = tile % TW
-    th = (tile // TW) % TH
-    d0 = (tile // (TW * TH)) * ROWS
     oh = (th * BH + tl.arange(0, BH)[:, None]) * HR  # each tile row's first output height row
     ow = tw * BW + tl.arange(0, BW)[None, :]
     inw = ow < W

@@ -345,13 +345,13 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     xp = x5 if padded else _padded(x5, m3)
     kernel_sizes = dict(MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0],
                         K1H=k3[1][1], K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2])
-    rows, hrows, bh, bw, warps = MKDC_GRID or (1, 1, 1, 1, 1)
+    g_rows, g_hrows, g_bh, g_bw, g_warps = MKDC_GRID or (1, 1, 1, 1, 1)
     if MKDC_GRID is not None and d > 1 and h * wd >= MKDC_GRID_PLANE and math.prod(m3) <= DEPTH_LOOP_TAPS \
-            and d % rows == 0 and h % hrows == 0:  # (the kernel is compiled for each volume size)
-        th, tw = -(-h // (bh * hrows)), -(-wd // bw)
-        _kernels().mkdc_forward_grid[(-(-d // rows) * th * tw, n * c)](
-            xp, w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi, **kernel_sizes, ROWS=rows,
-            HR=hrows, BH=bh, BW=bw, num_warps=warps)
+            and d % g_rows == 0 and h % g_hrows == 0:  # (the kernel is compiled for each volume size)
+        th, tw = -(-h // (g_bh * g_hrows)), -(-wd // g_bw)
+        _kernels().mkdc_forward_grid[(d // g_rows * th * tw, n * c)](
+            xp, w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi, **kernel_sizes, ROWS=g_rows,
+            HR=g_hrows, BH=g_bh, BW=g_bw, num_warps=g_warps)
         return y.reshape(n, c, *out_size)
     th, tw = -(-h // bh), -(-wd // bw)
     _kernels().mkdc_forward[(-(-d // rows) * th * tw, n * c)](
