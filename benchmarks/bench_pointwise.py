@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 from pathlib import Path
 
 import torch
 
-from cuda_timing import graph_ms
+from cuda_timing import graph_ms, write_results
 from ul3d.networks import depthwise as dw
 from ul3d.networks.blocks import multikernel
 from ul3d.networks.fast import accelerate
@@ -114,9 +113,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"pointwise_cuda_{name.split()[-1].lower()}_{args.date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(device=name, date=args.date, torch=torch.__version__, rows=rows), indent=1))
-    tmp.replace(path)
+    write_results(path, name, args.date, rows)
     print(f"wrote {path}")
 
 

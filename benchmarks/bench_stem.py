@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from cuda_timing import graph_ms
+from cuda_timing import graph_ms, write_results
 from ul3d.networks import depthwise as dw
 from ul3d.networks.fast import accelerate
 from ul3d.networks.registry import build_network
@@ -73,9 +72,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"stem_cuda_{tag}_{args.date}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(device=name, date=args.date, torch=torch.__version__, rows=rows), indent=1))
-    tmp.replace(path)
+    write_results(path, name, args.date, rows)
     print(f"wrote {path}")
 
 

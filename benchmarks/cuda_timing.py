@@ -1,4 +1,7 @@
-"""Timing helper shared by the kernel benchmarks (run as scripts: ``python benchmarks/bench_*.py``)."""
+"""Helpers shared by the kernel benchmarks (run as scripts: ``python benchmarks/bench_*.py``)."""
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -20,3 +23,10 @@ def graph_ms(fn, iters: int = 50, warmup: int = 3) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def write_results(path: Path, device: str, date: str, rows: list) -> None:
+    """``{device, date, torch, rows}`` as JSON at ``path``, written to a temporary file first, then renamed."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(device=device, date=date, torch=torch.__version__, rows=rows), indent=1))
+    tmp.replace(path)

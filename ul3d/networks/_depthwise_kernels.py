@@ -176,6 +176,13 @@ def _mkdc_row(y_ptr, a0, a1, a2, c, C, b_ptr, lo0, hi0, lo1, hi1, lo2, hi2, off,
 
 
 @triton.jit
+def _branch_weights(w_ptr, c, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Pointers to channel ``c``'s taps of branches 0, 1, 2 in the MKDC kernels' packed weights (C, T0 + T1 + T2)."""
+    ws0 = w_ptr + c * (T0 + T1 + T2)
+    return ws0, ws0 + T0, ws0 + T0 + T1
+
+
+@triton.jit
 def _mkdc_program(C, TH, TW, ROWS: tl.constexpr):
     """The MKDC kernels' program: its (n, c) plane ``nc = n·C + c`` (grid axis 1) and tile (axis 0: width tile ``tw``
     fastest, then height tile ``th``, then the first of its ROWS depth rows ``d0``)."""
@@ -211,11 +218,7 @@ def mkdc_forward(xp_ptr, w_ptr, b_ptr, y_ptr, C, D, H, W, TH, TW, NPG, G, lo0, h
     plane = (oh < H) & (ow < W)
     dd = d0 + tl.zeros((BH, BW), dtype=tl.int32)  # the first row's depth, as a tile (masks are tiles)
     xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + d0 * Hp * Wp + oh * Wp + ow
-    T0: tl.constexpr = K0D * K0H * K0W
-    T1: tl.constexpr = K1D * K1H * K1W
-    ws0 = w_ptr + c * (T0 + T1 + K2D * K2H * K2W)
-    ws1 = ws0 + T0
-    ws2 = ws1 + T1
+    ws0, ws1, ws2 = _branch_weights(w_ptr, c, K0D * K0H * K0W, K1D * K1H * K1W, K2D * K2H * K2W)
     zero = tl.zeros((BH, BW), dtype=tl.float32)
     a00, a01, a02, a03 = zero, zero, zero, zero  # branch 0, rows 0-3
     a10, a11, a12, a13 = zero, zero, zero, zero
@@ -346,11 +349,7 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D: tl.constexpr, H: tl.con
     # inside the volume or wholly outside it, and the columns and rows outside it read the last ones (not stored)
     xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + d0 * Hp * Wp + tl.minimum(oh, H - HR) * Wp \
         + tl.minimum(ow, W - 1)
-    T0: tl.constexpr = K0D * K0H * K0W
-    T1: tl.constexpr = K1D * K1H * K1W
-    ws0 = w_ptr + c * (T0 + T1 + K2D * K2H * K2W)
-    ws1 = ws0 + T0
-    ws2 = ws1 + T1
+    ws0, ws1, ws2 = _branch_weights(w_ptr, c, K0D * K0H * K0W, K1D * K1H * K1W, K2D * K2H * K2W)
     zero = tl.zeros((BH, BW), dtype=tl.float32)
     u000, u001, u002, u003, u010, u011, u012, u013, u020, u021, u022, u023, u030, u031, u032, u033 = (
         zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
