@@ -75,8 +75,8 @@ def _save(path: str | None, rows: list) -> None:
 def bench_mkdc(a, dev: torch.device) -> None:
     rows = []
     saved = (dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS, dwmod.MKDC_LOOP_PLANE, dwmod.MKDC_LOOP_TILE,
-             dwmod.MKDC_GRID, dwmod.MKDC_GRID_PLANE)
-    dwmod.MKDC_GRID, dwmod.MKDC_GRID_PLANE = None, 0
+             dwmod.MKDC_GRID)
+    dwmod.MKDC_GRID = ()
     if a.mkdc_loop_plane is not None:
         dwmod.MKDC_LOOP_PLANE = a.mkdc_loop_plane
     for c, dtype in [(c, d) for c in a.channels for d in a.mkdc_dtypes]:
@@ -103,11 +103,11 @@ def bench_mkdc(a, dev: torch.device) -> None:
             variants[f"fused rows {depth_rows} tile {bh}x{bw} warps {warps}"] = fused
         for grid in a.mkdc_grid:
             def fused_grid(grid=grid):
-                dwmod.MKDC_GRID = grid
+                dwmod.MKDC_GRID = ((0, grid),)
                 try:
                     return multikernel_depthwise(x, ws, bs, bounds, 2)
                 finally:
-                    dwmod.MKDC_GRID = None
+                    dwmod.MKDC_GRID = ()
             variants["grid rows {} x {} tile {}x{} warps {}".format(*grid)] = fused_grid
         for name, fn in variants.items():
             with torch.no_grad():
@@ -119,7 +119,7 @@ def bench_mkdc(a, dev: torch.device) -> None:
                              "fwd_ms": _time(fn), "max_abs_diff_vs_fp32": err})
             print(json.dumps(rows[-1]), flush=True)
     (dwmod.MKDC_ROWS, dwmod.MKDC_TILE, dwmod.MKDC_WARPS, dwmod.MKDC_LOOP_PLANE, dwmod.MKDC_LOOP_TILE,
-     dwmod.MKDC_GRID, dwmod.MKDC_GRID_PLANE) = saved
+     dwmod.MKDC_GRID) = saved
     print("\n| C | size | input | variant | fwd ms | max abs diff |\n|---:|---:|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['channels']} | {r['size']} | {r['dtype']} | {r['variant']} | {r['fwd_ms']:.3f} "

@@ -73,8 +73,7 @@ def test_grid_kernel_is_eq2(shape, kernels, setting, monkeypatch):
     """``mkdc_forward_grid`` (input rows shared in depth and height: ``MKDC_GRID``) computes Eq. 2 as well, and runs
     only where its rows divide the volume."""
     torch.manual_seed(0)
-    monkeypatch.setattr(dw, "MKDC_GRID", setting)
-    monkeypatch.setattr(dw, "MKDC_GRID_PLANE", 0)
+    monkeypatch.setattr(dw, "MKDC_GRID", ((0, setting),))
     c = shape[1]
     x = torch.randn(*shape, device=DEVICE)
     weights = [torch.randn(c, 1, *k, device=DEVICE) for k in kernels]
@@ -94,6 +93,26 @@ def test_grid_kernel_is_eq2(shape, kernels, setting, monkeypatch):
         got = multikernel_depthwise(x, weights, biases, bounds, 2)
     ref = _reference_mkdc(x, weights, biases, bounds, 2)
     assert not calls and (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.parametrize("size,grid", [(24, True), (26, False), (12, False)])
+def test_default_grid_table_picks_the_kernel_by_plane(size, grid, monkeypatch):
+    """With the default ``MKDC_GRID``, 24² planes and up run ``mkdc_forward_grid`` (base's 24³ and 48³ stages at 96³
+    patches), smaller planes, and heights its 4 rows do not divide (26), ``mkdc_forward``; both Eq. 2."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 8, size, size, device=DEVICE)
+    weights = [torch.randn(2, 1, k, k, k, device=DEVICE) for k in (1, 3, 5)]
+    biases = [torch.randn(2, device=DEVICE) for _ in weights]
+    bounds = [(0.0, 6.0)] * 3
+    calls = {"grid": [], "rows": []}
+    k = dw._kernels()
+    monkeypatch.setattr(k, "mkdc_forward_grid", _Recording(k.mkdc_forward_grid, calls["grid"]))
+    monkeypatch.setattr(k, "mkdc_forward", _Recording(k.mkdc_forward, calls["rows"]))
+    with torch.no_grad():
+        got = multikernel_depthwise(x, weights, biases, bounds, 2)
+    ref = _reference_mkdc(x, weights, biases, bounds, 2)
+    assert (len(calls["grid"]), len(calls["rows"])) == ((1, 0) if grid else (0, 1))
+    assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 class _Recording:

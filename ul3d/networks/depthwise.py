@@ -248,10 +248,13 @@ MAX_BRANCHES = 3
 #: 0.45 ms looped with 8 × 64 tiles; 4 × 64 × 24³: 0.15 ms unrolled, 0.26 ms looped)
 MKDC_ROWS, MKDC_TILE, MKDC_WARPS = 4, (4, 32), 4
 MKDC_LOOP_PLANE, MKDC_LOOP_TILE = 48 * 48, (8, 64)
-#: ``(depth rows, height rows, BH, BW, warps)`` of ``mkdc_forward_grid`` (input rows shared in depth and height) for
-#: volumes whose planes have at least MKDC_GRID_PLANE voxels, or None: :func:`multikernel_depthwise` runs
-#: ``mkdc_forward`` there as elsewhere
-MKDC_GRID, MKDC_GRID_PLANE = None, 48 * 48
+#: ``mkdc_forward_grid``'s (input rows shared in depth and height) settings: ``(least plane voxels, (depth rows,
+#: height rows, BH, BW, warps))`` pairs, the first pair whose plane size the volume's planes reach applies; volumes
+#: below every pair, or whose depth and height those rows do not divide, run ``mkdc_forward`` (H200, base network,
+#: sliding window 256 x 256 x 128: 0.0470 s without, 0.0424 s with the 48² pair alone, 0.0405 s with the 2 x 32 tile
+#: from 24² up; ``benchmarks/results/levers_cuda_h200_2026-12-03_grid*``); ``()`` turns the kernel off
+MKDC_GRID: tuple[tuple[int, tuple[int, int, int, int, int]], ...] = ((48 * 48, (4, 4, 1, 64, 2)),
+                                                                    (24 * 24, (4, 4, 2, 32, 2)))
 
 
 def pack_branches(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
@@ -345,9 +348,10 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     xp = x5 if padded else _padded(x5, m3)
     kernel_sizes = dict(MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0],
                         K1H=k3[1][1], K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2])
-    g_rows, g_hrows, g_bh, g_bw, g_warps = MKDC_GRID or (1, 1, 1, 1, 1)
-    if MKDC_GRID is not None and d > 1 and h * wd >= MKDC_GRID_PLANE and math.prod(m3) <= DEPTH_LOOP_TAPS \
-            and d % g_rows == 0 and h % g_hrows == 0:  # (the kernel is compiled for each volume size)
+    grid = next((g for plane, g in MKDC_GRID if h * wd >= plane), None) if d > 1 else None
+    g_rows, g_hrows, g_bh, g_bw, g_warps = grid or (1, 1, 1, 1, 1)
+    if grid is not None and math.prod(m3) <= DEPTH_LOOP_TAPS and d % g_rows == 0 and h % g_hrows == 0:
+        # (the kernel is compiled for each volume size)
         th, tw = -(-h // (g_bh * g_hrows)), -(-wd // g_bw)
         _kernels().mkdc_forward_grid[(d // g_rows * th * tw, n * c)](
             xp, w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi, **kernel_sizes, ROWS=g_rows,
