@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from pathlib import Path
 
 import torch
 
-from cuda_timing import graph_ms, write_results
+from cuda_timing import graph_ms, save_results
 from ul3d.networks import depthwise as dw
 from ul3d.networks.blocks import multikernel
 from ul3d.networks.fast import accelerate
@@ -110,11 +109,7 @@ def main() -> None:
     for c, t in zip(first["calls"], torch_row["calls"]):
         lines.append(f"| {c['what']} | {c['us']:.1f} | {t['us']:.1f} | {c['bytes'] / c['us'] / 1e3:.0f} |")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"pointwise_cuda_{name.split()[-1].lower()}_{args.date}.json"
-    write_results(path, name, args.date, rows)
-    print(f"wrote {path}")
+    save_results(args.out, "pointwise", args.date, rows)
 
 
 if __name__ == "__main__":

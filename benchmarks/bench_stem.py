@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import time
-from pathlib import Path
 
 import torch
 
-from cuda_timing import graph_ms, write_results
+from cuda_timing import graph_ms, save_results
 from ul3d.networks import depthwise as dw
 from ul3d.networks.fast import accelerate
 from ul3d.networks.registry import build_network
@@ -68,12 +67,7 @@ def main() -> None:
     base = {r["variant"]: r["ms"] for r in rows if r["what"] == "unfused"}
     for r in rows:
         print(f"| {r['variant']} | {r['what']} | {r['ms']:.3f} | {r['ms'] / base[r['variant']]:.2f}× |")
-    tag = name.split()[-1].lower()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"stem_cuda_{tag}_{args.date}.json"
-    write_results(path, name, args.date, rows)
-    print(f"wrote {path}")
+    save_results(args.out, "stem", args.date, rows)
 
 
 if __name__ == "__main__":

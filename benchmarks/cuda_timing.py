@@ -30,3 +30,15 @@ def write_results(path: Path, device: str, date: str, rows: list) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(dict(device=device, date=date, torch=torch.__version__, rows=rows), indent=1))
     tmp.replace(path)
+
+
+def save_results(out_dir: str, kind: str, date: str, rows: list) -> Path:
+    """:func:`write_results` to ``out_dir/{kind}_cuda_{device's last word}_{date}.json`` (the folder made as needed);
+    prints and returns the path."""
+    name = torch.cuda.get_device_name()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{kind}_cuda_{name.split()[-1].lower()}_{date}.json"
+    write_results(path, name, date, rows)
+    print(f"wrote {path}")
+    return path
