@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ul3d.networks import depthwise as dw
+from ul3d.networks.blocks import GAG, AttentionGate
 from ul3d.networks.blocks.multikernel import MKDC, MKIR
 from ul3d.networks.depthwise import max_pool_2x, multikernel_depthwise, triton_available
 from ul3d.networks.fast import accelerate, fold_batchnorm
@@ -342,6 +343,63 @@ def test_upsample_relu_head_kernel_leaves_what_it_does_not_compute():
     assert calls == []
 
 
+@pytest.mark.parametrize("shape,kernel,inter,setting", [
+    ((2, 8, 4, 8, 12), 3, None, (4, 4, 2, 8, 1)),  # the network's gate (2 channels per group), 2 samples, 2 tiles
+    ((1, 8, 8, 4, 6), 3, 2, (4, 2, 1, 8, 2)),  # 4 channels per group, 2 programs in depth, 2 x 2 rows
+])
+def test_gated_skip_sum_is_the_plain_gate(shape, kernel, inter, setting, monkeypatch):
+    """The decoder's skip merge through a folded GAG (Eq. 6) in two kernels (the gate's grouped convs as the grid
+    MKDC kernel summing each group's gate and skip planes, then ψ, sigmoid, product and sum): ``u + GAG(g=u, x=s)``
+    of the plain module."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(dw, "GATE_KERNEL", True)
+    monkeypatch.setattr(dw, "MKDC_GRID", ((0, setting),))
+    gate = _randomise_batchnorm(GAG(3, shape[1], shape[1], inter, kernel_size=kernel)).to(DEVICE).eval()
+    fast = accelerate(fold_batchnorm(gate), triton=True)
+    u, s = torch.randn(*shape, device=DEVICE), torch.randn(*shape, device=DEVICE)
+    calls = []
+    k = dw._kernels()
+    monkeypatch.setattr(k, "gate_apply", _Recording(k.gate_apply, calls))
+    with torch.no_grad():
+        ref = u.double() + gate.double()(u.double(), s.double())
+        got = fast.skip_sum(u, s)
+    assert len(calls) == 1 and ref.abs().max() > 1
+    assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_gated_skip_sum_leaves_what_it_does_not_compute(monkeypatch):
+    """The modules run (and give the same sum) for an unfolded gate, Oktay's 1×1 attention gate, with autograd on,
+    without ``triton``, for 2D inputs, volumes whose depth the grid rows do not divide and with ``GATE_KERNEL`` off (the
+    default); the kernels reject mismatched inputs."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(dw, "GATE_KERNEL", True)
+    monkeypatch.setattr(dw, "MKDC_GRID", ((0, (4, 4, 1, 8, 1)),))
+    shape = (1, 4, 4, 4, 5)
+    u, s = torch.randn(*shape, device=DEVICE), torch.randn(*shape, device=DEVICE)
+    calls = []
+    k = dw._kernels()
+    monkeypatch.setattr(k, "gate_apply", _Recording(k.gate_apply, calls))
+    plain = _randomise_batchnorm(GAG(3, 4, 4)).to(DEVICE).eval()
+    folded = fold_batchnorm(plain)
+    fast = accelerate(copy.deepcopy(folded), triton=True)
+    cases = [(accelerate(copy.deepcopy(plain), triton=True), False, u, s),
+             (accelerate(fold_batchnorm(AttentionGate(3, 4, 4).to(DEVICE).eval()), triton=True), False, u, s),
+             (fast, True, u, s), (copy.deepcopy(folded), False, u, s),
+             (fast, False, u[:, :, :3], s[:, :, :3]),  # depth 3: the 4 grid rows do not divide it
+             (accelerate(fold_batchnorm(GAG(2, 4, 4).to(DEVICE).eval()), triton=True), False, u[:, :, 0], s[:, :, 0])]
+    for gate, grad, a, b in cases:
+        with torch.set_grad_enabled(grad):
+            got = gate.skip_sum(a, b)
+            ref = a + gate(a, b)
+        torch.testing.assert_close(got, ref)
+    monkeypatch.setattr(dw, "GATE_KERNEL", False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.skip_sum(u, s), u + folded(u, s))
+    assert calls == []
+    with pytest.raises(ValueError, match="gated_skip_sum"):
+        dw.gated_skip_sum(u, s[:, :, :3], fast._prepared_parts(torch.float32))
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     """A small UltraLightUNet in eval mode with autograd off: every MKDC through the one kernel and the head kernel,
@@ -352,7 +410,7 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     small = dict(kernels=(1, 3), spatial_kernel=3) if dims == 3 and not torch.cuda.is_available() else {}
     net = _randomise_batchnorm(UltraLightUNet(dims, 1, 3, channels=(2, 4, 4, 4, 4), **small)).to(DEVICE).eval()
     fast = accelerate(fold_batchnorm(net), triton=True, fused_mkdc=False)
-    from ul3d.networks.blocks import multikernel
+    from ul3d.networks.blocks import attention, multikernel
     from ul3d.networks.nets import _lean
 
     seen = []
@@ -360,7 +418,7 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
 
     for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
                          (ultralightunet, "max_pool_2x"), (multikernel, "max_pool_2x"), (multikernel, "pooled_stem"),
-                         (_lean, "linear_upsample"), (multikernel, "pointwise_act")):
+                         (_lean, "linear_upsample"), (multikernel, "pointwise_act"), (attention, "gated_skip_sum")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
     x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
@@ -372,6 +430,27 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     assert seen.count("upsample_relu_pointwise") == 1 and seen.count("max_pool_2x") == 5 - stems
     assert seen.count("linear_upsample") == 4  # the other decoder stages' upsampling + ReLU
     assert seen.count("pointwise_act") == 2 * (10 - stems)  # expand and project of every other block
+    assert seen.count("gated_skip_sum") == 0  # (GATE_KERNEL off by default)
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+
+
+def test_network_with_the_gate_kernel_is_the_same_function(monkeypatch):
+    """With ``GATE_KERNEL`` (and grid settings for every volume), a small UltraLightUNet3D's skip merges whose volumes
+    the grid rows divide run :func:`~ul3d.networks.depthwise.gated_skip_sum`'s kernels; the output is the plain
+    network's."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(dw, "GATE_KERNEL", True)
+    monkeypatch.setattr(dw, "MKDC_GRID", ((0, (4, 4, 1, 8, 1)),))
+    small = {} if torch.cuda.is_available() else dict(kernels=(1, 3), spatial_kernel=3)
+    net = _randomise_batchnorm(UltraLightUNet(3, 1, 3, channels=(2, 4, 4, 4, 4), **small)).to(DEVICE).eval()
+    fast = accelerate(fold_batchnorm(net), triton=True, fused_mkdc=False)
+    calls = []
+    k = dw._kernels()
+    monkeypatch.setattr(k, "gate_apply", _Recording(k.gate_apply, calls))
+    x = torch.randn(1, 1, 16, 16, 16, device=DEVICE)
+    with torch.no_grad():
+        a, b = net(x), fast(x)
+    assert len(calls) == 2  # the skips at 8³ and 4³ (at 2³ and 1³ the 4 grid rows do not divide the volume)
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 

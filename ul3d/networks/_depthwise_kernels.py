@@ -7,8 +7,8 @@ offset from the tile's pointers, with one mask (the output tile's bounds) shared
 import triton
 import triton.language as tl
 
-__all__ = ["dw_forward", "dw_weight_grad", "max_pool2x", "mkdc_forward", "mkdc_forward_grid", "pointwise", "stem_pooled", "upsample_relu",
-           "upsample_relu_pointwise"]
+__all__ = ["dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward", "mkdc_forward_grid", "pointwise",
+           "stem_pooled", "upsample_relu", "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
 
@@ -328,7 +328,8 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D: tl.constexpr, H: tl.con
                       K0D: tl.constexpr, K0H: tl.constexpr, K0W: tl.constexpr,
                       K1D: tl.constexpr, K1H: tl.constexpr, K1W: tl.constexpr,
                       K2D: tl.constexpr, K2H: tl.constexpr, K2W: tl.constexpr,
-                      ROWS: tl.constexpr, HR: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+                      ROWS: tl.constexpr, HR: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                      IPO: tl.constexpr = 1):
     """:func:`mkdc_forward`'s function (Eq. 2, BatchNorm folded, channel shuffle by the store) with the input rows
     shared in height too: a program computes ROWS (≤ 4) depth rows × HR (≤ 4) height rows of a BH×BW tile of one
     (n, c) plane, tile row i covering output height rows ``(th·BH + i)·HR + j``, j < HR. Every load of an input row
@@ -337,7 +338,9 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D: tl.constexpr, H: tl.con
     :func:`mkdc_forward`'s 50), and every weight load serves BH·BW / threads voxels of each output row. The width
     taps are a loop at run time (fully unrolled, Triton's coalescing pass took minutes for 4 × 4 rows); a narrower
     branch's taps outside its width load as zero weights. D, H, W are compile-time constants (every tap one load at a
-    constant offset, no address arithmetic); needs D % ROWS = H % HR = 0."""
+    constant offset, no address arithmetic); needs D % ROWS = H % HR = 0. IPO > 1: each output channel c sums its
+    branches over the IPO input planes ``c·IPO + i`` (weights per input plane; a grouped conv of IPO input channels per
+    output, e.g. a GAG's two grouped convs over its gate and skip planes), one bias and clamp per output channel."""
     nc, c, n, tw, th, d0 = _mkdc_program(C, TH, TW, ROWS)
     Hp = H + MH - 1
     Wp = W + MW - 1
@@ -347,9 +350,6 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D: tl.constexpr, H: tl.con
     dd = d0 + tl.zeros((BH, BW), dtype=tl.int32)  # the first row's depth, as a tile (masks are tiles)
     # no load needs a mask: with D % ROWS = H % HR = 0 every program's depth rows and every tile row's height rows lie
     # inside the volume or wholly outside it, and the columns and rows outside it read the last ones (not stored)
-    xs = xp_ptr + nc.to(tl.int64) * (D + MD - 1) * Hp * Wp + d0 * Hp * Wp + tl.minimum(oh, H - HR) * Wp \
-        + tl.minimum(ow, W - 1)
-    ws0, ws1, ws2 = _branch_weights(w_ptr, c, K0D * K0H * K0W, K1D * K1H * K1W, K2D * K2H * K2W)
     zero = tl.zeros((BH, BW), dtype=tl.float32)
     u000, u001, u002, u003, u010, u011, u012, u013, u020, u021, u022, u023, u030, u031, u032, u033 = (
         zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
@@ -357,25 +357,29 @@ def mkdc_forward_grid(xp_ptr, w_ptr, b_ptr, y_ptr, C, D: tl.constexpr, H: tl.con
         zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
     u200, u201, u202, u203, u210, u211, u212, u213, u220, u221, u222, u223, u230, u231, u232, u233 = (
         zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)
-    for kw in range(MW):  # the width taps at run time (one compiled body: minutes less to compile)
-        for s in tl.static_range(ROWS + MD - 1):
-            for r in tl.static_range(HR + MH - 1):
-                xv = tl.load(xs + (s * Hp * Wp + r * Wp) + kw).to(tl.float32)
-                (u000, u001, u002, u003, u010, u011, u012, u013,
-                 u020, u021, u022, u023, u030, u031, u032, u033) = _grid_tap(
-                    u000, u001, u002, u003, u010, u011, u012, u013,
-                    u020, u021, u022, u023, u030, u031, u032, u033, xv, ws0, s, r, kw,
-                    MD, MH, MW, K0D, K0H, K0W, ROWS, HR)
-                (u100, u101, u102, u103, u110, u111, u112, u113,
-                 u120, u121, u122, u123, u130, u131, u132, u133) = _grid_tap(
-                    u100, u101, u102, u103, u110, u111, u112, u113,
-                    u120, u121, u122, u123, u130, u131, u132, u133, xv, ws1, s, r, kw,
-                    MD, MH, MW, K1D, K1H, K1W, ROWS, HR)
-                (u200, u201, u202, u203, u210, u211, u212, u213,
-                 u220, u221, u222, u223, u230, u231, u232, u233) = _grid_tap(
-                    u200, u201, u202, u203, u210, u211, u212, u213,
-                    u220, u221, u222, u223, u230, u231, u232, u233, xv, ws2, s, r, kw,
-                    MD, MH, MW, K2D, K2H, K2W, ROWS, HR)
+    for i in range(IPO):  # (IPO = 1: one iteration, folded away)
+        xs = xp_ptr + (nc * IPO + i).to(tl.int64) * (D + MD - 1) * Hp * Wp + d0 * Hp * Wp \
+            + tl.minimum(oh, H - HR) * Wp + tl.minimum(ow, W - 1)
+        ws0, ws1, ws2 = _branch_weights(w_ptr, c * IPO + i, K0D * K0H * K0W, K1D * K1H * K1W, K2D * K2H * K2W)
+        for kw in range(MW):  # the width taps at run time (one compiled body: minutes less to compile)
+            for s in tl.static_range(ROWS + MD - 1):
+                for r in tl.static_range(HR + MH - 1):
+                    xv = tl.load(xs + (s * Hp * Wp + r * Wp) + kw).to(tl.float32)
+                    (u000, u001, u002, u003, u010, u011, u012, u013,
+                     u020, u021, u022, u023, u030, u031, u032, u033) = _grid_tap(
+                        u000, u001, u002, u003, u010, u011, u012, u013,
+                        u020, u021, u022, u023, u030, u031, u032, u033, xv, ws0, s, r, kw,
+                        MD, MH, MW, K0D, K0H, K0W, ROWS, HR)
+                    (u100, u101, u102, u103, u110, u111, u112, u113,
+                     u120, u121, u122, u123, u130, u131, u132, u133) = _grid_tap(
+                        u100, u101, u102, u103, u110, u111, u112, u113,
+                        u120, u121, u122, u123, u130, u131, u132, u133, xv, ws1, s, r, kw,
+                        MD, MH, MW, K1D, K1H, K1W, ROWS, HR)
+                    (u200, u201, u202, u203, u210, u211, u212, u213,
+                     u220, u221, u222, u223, u230, u231, u232, u233) = _grid_tap(
+                        u200, u201, u202, u203, u210, u211, u212, u213,
+                        u220, u221, u222, u223, u230, u231, u232, u233, xv, ws2, s, r, kw,
+                        MD, MH, MW, K2D, K2H, K2W, ROWS, HR)
     oc = (c % NPG) * G + c // NPG
     yb = y_ptr + (n * C + oc).to(tl.int64) * D * H * W
     off = d0 * H * W + oh * W + ow
@@ -710,3 +714,28 @@ def stem_pooled(xp_ptr, we_ptr, be_ptr, wb_ptr, bb_ptr, wo_ptr, bo_ptr, y_ptr, D
             v += tl.load(wo_ptr + o * NW + HC + 1) * c1
         pooled = tl.max(tl.reshape(v, (8, P)), axis=0)
         tl.store(yb + o * PD * PH * PW, pooled.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+
+@triton.jit(do_not_specialize=["S"])
+def gate_apply(u_ptr, s_ptr, g_ptr, wp_ptr, bp_ptr, y_ptr, S, C: tl.constexpr, G: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """The end of a decoder's skip merge through its grouped attention gate (Eq. 6, norms folded):
+    ``y = u + s · σ(bp + Σ_j wp[j] · g[j])`` over BLOCK voxels (program 0) of sample n (program 1), with ``g`` the
+    gate's C/P channels after their ReLU (``mkdc_forward_grid`` with IPO = 2P) and u, s of C channels."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    m = p < S
+    gb = g_ptr + (n * G).to(tl.int64) * S
+    psi = tl.zeros((BLOCK,), dtype=tl.float32) + tl.load(bp_ptr)
+    for j in range(G):
+        psi += tl.load(wp_ptr + j) * tl.load(gb + j * S + p, mask=m, other=0.0).to(tl.float32)
+    psi = tl.sigmoid(psi)
+    ub = u_ptr + (n * C).to(tl.int64) * S
+    sb = s_ptr + (n * C).to(tl.int64) * S
+    yb = y_ptr + (n * C).to(tl.int64) * S
+    for c in range(C):
+        u = tl.load(ub + c * S + p, mask=m, other=0.0).to(tl.float32)
+        v = tl.load(sb + c * S + p, mask=m, other=0.0).to(tl.float32)
+        tl.store(yb + c * S + p, (u + v * psi).to(y_ptr.dtype.element_ty), mask=m)

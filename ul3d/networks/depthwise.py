@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["compute_dtype", "depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act",
-           "upsample_relu_pointwise", "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem",
+           "upsample_relu_pointwise", "gated_skip_sum", "pack_gate", "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem",
            "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
@@ -490,6 +490,71 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
         x.contiguous(), i0, i1, lam.float(), weight.float().contiguous(),
         bias.float().contiguous() if bias is not None else weight, y, c, k, *src, *out,
         RELU=bool(relu), HAS_BIAS=bias is not None, KP=max(_pow2(k), 2), BLOCK=block, num_warps=4)
+    return y
+
+
+#: voxels of one ``gate_apply`` program of :func:`gated_skip_sum`, and whether the decoder's GAG skip merges use
+#: :func:`gated_skip_sum` (off until timed on a GPU: a first one-pass kernel, 256 voxels per program looping over the
+#: gate's channels, was slower on an H200, ``levers_cuda_h200_2026-12-03_gate{,off}_quick.json``)
+GATE_BLOCK, GATE_KERNEL = 512, False
+
+
+def pack_gate(wu: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor, wpsi: torch.Tensor, bpsi: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """:func:`gated_skip_sum`'s arguments for a GAG whose grouped convs have the weights ``wu``, ``ws``
+    ``(C / P, P, *k)``: every group's taps of its P gate and then its P skip channels in one row ``(2C, Π k)``, the
+    summed biases as ``(MAX_BRANCHES, C / P)``, ψ's weights ``(C / P,)`` and bias ``(1,)``, all float32, and ``k``."""
+    groups, p = wu.shape[:2]
+    w = torch.stack([wu.reshape(groups, p, -1), ws.reshape(groups, p, -1)], 1).reshape(2 * groups * p, -1)
+    return (w.float().contiguous(), _branch_biases([bias], groups, wu.device), wpsi.reshape(-1).float().contiguous(),
+            bpsi.reshape(1).float().contiguous(), tuple(wu.shape[2:]))
+
+
+def gated_skip_sum(u: torch.Tensor, s: torch.Tensor, packed: tuple) -> torch.Tensor | None:
+    """``u + s · σ(bpsi + wpsi · ReLU(GC_u(u) + GC_s(s) + bias))``: a decoder's skip merge through its grouped attention
+    gate (Eq. 6 with both norms folded, :class:`~ul3d.networks.blocks.GAG` ``(g=u, x=s)``) in two Triton kernels
+    (inference; needs :func:`triton_available`), or None where they do not run (the caller runs the modules).
+
+    Args:
+        u, s: ``(B, C, D, H, W)``, the same shape, float32/bfloat16/float16.
+        packed: the gate's weights as :func:`pack_gate` gives them (odd kernel sizes, "same" zero padding).
+
+    The gate's C/P channels come from ``mkdc_forward_grid`` with one branch, each output channel summing its 2P
+    input planes (the group's gate and skip channels, zero-padded into one tensor) with input rows shared in depth and
+    height, then its bias and ReLU; a second kernel reads them with u and s and writes ``u + s·ψ``. It runs where
+    :data:`MKDC_GRID` has a setting for the volume (3D, its rows dividing depth and height). Under autocast the output
+    is in the autocast dtype.
+    """
+    w, b3, wpsi, bpsi, k = packed
+    n, c = u.shape[:2]
+    groups = b3.shape[1]
+    if u.dim() != 5 or u.shape != s.shape or len(k) != 3 or any(kk % 2 == 0 for kk in k) or c % groups \
+            or tuple(w.shape) != (2 * c, math.prod(k)):
+        raise ValueError(f"gated_skip_sum: inputs {tuple(u.shape)}, {tuple(s.shape)} and packed weights "
+                         f"{tuple(w.shape)} (kernel {k}) are not a grouped attention gate over the inputs' channels")
+    d, h, wd = u.shape[2:]
+    grid = next((g for plane, g in MKDC_GRID if h * wd >= plane), None)
+    if grid is None or math.prod(k) > DEPTH_LOOP_TAPS or d % grid[0] or h % grid[1]:
+        return None
+    dtype = compute_dtype(u)
+    p = c // groups
+    kd, kh, kw = k
+    xp = u.new_zeros((n, groups, 2, p, d + kd - 1, h + kh - 1, wd + kw - 1), dtype=dtype)
+    inner = (slice(kd // 2, kd // 2 + d), slice(kh // 2, kh // 2 + h), slice(kw // 2, kw // 2 + wd))
+    xp[(slice(None), slice(None), 0, slice(None)) + inner] = u.reshape(n, groups, p, d, h, wd)
+    xp[(slice(None), slice(None), 1, slice(None)) + inner] = s.reshape(n, groups, p, d, h, wd)
+    gate = torch.empty((n, groups, d, h, wd), device=u.device, dtype=dtype)
+    rows, hrows, bh, bw, warps = grid
+    th, tw = -(-h // (bh * hrows)), -(-wd // bw)
+    _kernels().mkdc_forward_grid[(d // rows * th * tw, n * groups)](
+        xp, w, b3, gate, groups, d, h, wd, th, tw, groups, 1, 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0,
+        MD=kd, MH=kh, MW=kw, K0D=kd, K0H=kh, K0W=kw, K1D=0, K1H=0, K1W=0, K2D=0, K2H=0, K2W=0, ROWS=rows, HR=hrows,
+        BH=bh, BW=bw, IPO=2 * p, num_warps=warps)
+    y = torch.empty((n, c, d, h, wd), device=u.device, dtype=dtype)
+    total = d * h * wd
+    _kernels().gate_apply[(-(-total // GATE_BLOCK), n)](
+        u.to(dtype).contiguous(), s.to(dtype).contiguous(), gate, wpsi, bpsi, y, total, C=c, G=groups,
+        BLOCK=GATE_BLOCK, num_warps=4)
     return y
 
 

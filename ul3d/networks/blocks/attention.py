@@ -11,8 +11,9 @@ from monai.networks.layers.factories import Conv, Pool
 from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
-from ..depthwise import depthwise_conv, triton_available
-from .multikernel import MKIR, accumulate, channels_last_format, is_channels_last
+from .. import depthwise as _depthwise
+from ..depthwise import TRITON_DTYPES, depthwise_conv, gated_skip_sum, pack_gate, triton_available
+from .multikernel import MKIR, KernelPartsCache, accumulate, channels_last_format, is_channels_last
 
 __all__ = [
     "GlobalMaxPool",
@@ -255,7 +256,7 @@ class MKIRA(nn.Module):
         return getattr(self.mkir, "forward_lean", self.mkir)(self.cmfa(x))
 
 
-class GAG(nn.Module):
+class GAG(KernelPartsCache, nn.Module):
     """Grouped attention gate, Eq. 6: ``x ⊗ σ(BN(Conv(ReLU(BN(GC_g(g)) + BN(GC_x(x))))))``.
 
     ``g`` is the gating signal (upsampled decoder features), ``x`` the skip features it gates.
@@ -313,6 +314,7 @@ class GAG(nn.Module):
         # conv (oneDNN's grouped 3D conv with 2 channels per group is slow on the CPU)
         self.triton = False
         self.depthwise_sum = False
+        self._kernel_cache: tuple | None = None  # (key, parts) of the last :meth:`cached_kernel_parts`
 
     def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # (TorchScript skips this block)
@@ -347,6 +349,50 @@ class GAG(nn.Module):
         gate, skip = (one_per_group_conv(t, b.conv, triton) for b, t in blocks)
         gate, skip = (y if adn is None else adn(y) for y, adn in zip((gate, skip), adns))
         return gate + skip
+
+
+    @torch.jit.unused
+    def skip_sum(self, g: torch.Tensor, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``g + self(g, x)``: the decoder's skip merge (:class:`~ul3d.networks.nets.ultralightunet.DecoderStage`).
+        With :data:`~ul3d.networks.depthwise.GATE_KERNEL` (off by default until timed), ``triton``, autograd off,
+        Triton available and both norms folded (inference), two kernels where they run
+        (:func:`~ul3d.networks.depthwise.gated_skip_sum`: the gate's convs with input rows shared, then ψ, the
+        sigmoid, the product and the sum in one pass); otherwise the modules, ``inplace`` adding into ``g``."""
+        if _depthwise.GATE_KERNEL and self.triton and not torch.is_grad_enabled() and triton_available(x.device) \
+                and g.shape == x.shape and g.dim() == 5 and g.dtype in TRITON_DTYPES and x.dtype in TRITON_DTYPES:
+            parts = self.cached_kernel_parts(x)
+            y = None if parts is None else gated_skip_sum(g, x, parts)
+            if y is not None:
+                return y
+        return accumulate(g, self(g, x), inplace)
+
+    @torch.jit.unused
+    def _prepared_parts(self, dtype: torch.dtype) -> tuple | None:
+        """:func:`~ul3d.networks.depthwise.gated_skip_sum`'s packed weights (:func:`~ul3d.networks.depthwise.pack_gate`),
+        or None where it does not compute this gate: each grouped conv maps its groups' channels to one output and has
+        no norm left (folded), the act is ReLU, ψ is a 1×1 conv whose norm is folded, then a sigmoid."""
+        gc, sc = self.gate_conv.conv, self.skip_conv.conv
+        if any(one_per_group_unsupported(c) is not None for c in (gc, sc)) or gc.weight.shape != sc.weight.shape \
+                or gc.in_channels != sc.in_channels or type(self.act) is not nn.ReLU:
+            return None
+        if not all(_only(getattr(b, "adn", None), ()) for b in (self.gate_conv, self.skip_conv)):
+            return None
+        psi = self.psi.conv
+        if not _only(getattr(self.psi, "adn", None), (nn.Sigmoid,)) or psi.out_channels != 1 \
+                or any(k != 1 for k in psi.kernel_size) or psi.groups != 1:
+            return None
+        zero = torch.zeros(gc.out_channels, device=gc.weight.device)
+        bias = sum(c.bias.detach().float() if c.bias is not None else zero for c in (gc, sc))
+        bpsi = psi.bias.detach().float() if psi.bias is not None else zero[:1]
+        return pack_gate(gc.weight.detach(), sc.weight.detach(), bias, psi.weight.detach(), bpsi)
+
+
+def _only(adn: nn.Module | None, last: tuple) -> bool:
+    """Whether a MONAI ``ADN`` (or None) is identities but for, with ``last``, one module of that type at its end."""
+    mods = [] if adn is None else [m for m in adn.children() if not isinstance(m, nn.Identity)]
+    if not last:
+        return not mods
+    return len(mods) == 1 and type(mods[0]) in last
 
 
 class AttentionGate(GAG):

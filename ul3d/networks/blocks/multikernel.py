@@ -673,7 +673,57 @@ class MKDC(nn.Module):
         return y if n == 1 else y.unflatten(1, (c, n)).sum(2)
 
 
-class MKIR(nn.Module):
+class KernelPartsCache:
+    """Mixin of the blocks whose inference kernels read prepared weights (:class:`MKIR`, :class:`~ul3d.networks.blocks.
+    GAG`): the block defines ``_prepared_parts(dtype)`` (None where its kernels do not apply) and sets
+    ``self._kernel_cache = None`` in ``__init__``."""
+
+    @torch.jit.unused
+    def cached_kernel_parts(self, x: torch.Tensor) -> tuple | None:
+        """``_prepared_parts(compute dtype of x)`` (the kernels' weights: cast, folded, packed), kept until a parameter
+        or buffer of the block changes (in place, e.g. an optimizer step or ``load_state_dict``, or replaced) or x's
+        device or dtype does: preparing them launches ~10 small kernels per block and call, about 0.1 ms of an H200
+        forward of UltraLightUNet3D base. When the parameters change in place the kept tensors are overwritten in place
+        too, so a CUDA graph that read them reads the new values after :meth:`refresh_kernel_cache`
+        (``InferenceCopy.refresh`` calls it) or any eager call."""
+        dtype = compute_dtype(x)
+        if torch.compiler.is_compiling():
+            return self._prepared_parts(dtype)
+        cache = self._kernel_cache
+        if cache is None or cache[0][:2] != (x.device, dtype):
+            parts = self._prepared_parts(dtype)
+            self._kernel_cache = ((x.device, dtype, self._state_key()), parts)
+            return parts
+        if cache[0][2] != self._state_key():
+            self.refresh_kernel_cache()
+        return self._kernel_cache[1]
+
+    @torch.jit.unused
+    def refresh_kernel_cache(self) -> None:
+        """Prepare :meth:`cached_kernel_parts` again from the current parameters, written into the kept tensors in place
+        (same shapes and dtypes; otherwise they are replaced)."""
+        if self._kernel_cache is None:
+            return
+        (device, dtype, _), old = self._kernel_cache
+        new = self._prepared_parts(dtype)
+        olds, news = _tensors(old), _tensors(new)
+        if old is not None and new is not None and len(olds) == len(news) \
+                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(olds, news)):
+            with torch.no_grad():
+                for a, b in zip(olds, news):
+                    a.copy_(b)
+            new = old
+        self._kernel_cache = ((device, dtype, self._state_key()), new)
+
+    @torch.jit.unused
+    def _state_key(self) -> tuple:
+        """What the prepared parts depend on: every parameter and buffer (identity, storage, in-place version) and the
+        modules' training flags."""
+        return (tuple(m.training for m in self.modules()),
+                tuple((id(t), t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers())))
+
+
+class MKIR(KernelPartsCache, nn.Module):
     """Multi-kernel inverted residual, Eq. 1: ``BN(PWC_2(MKDC(ReLU6(BN(PWC_1(x))))))`` plus a shortcut.
 
     ``PWC_1`` expands ``in_channels`` by ``expansion`` (2 in the paper), :class:`MKDC` mixes space at
@@ -823,50 +873,6 @@ class MKIR(nn.Module):
         if bounds is None:
             return None
         return (expand[0], expand[1], bounds), branches, project[:2]
-
-    @torch.jit.unused
-    def cached_kernel_parts(self, x: torch.Tensor) -> tuple | None:
-        """:meth:`kernel_parts` in the kernels' dtype (weights in x's compute dtype, biases in float32, the MKDC's
-        weights packed), kept until a parameter or buffer of the block changes (in place, e.g. an optimizer step or
-        ``load_state_dict``, or replaced) or x's device or dtype does: preparing them launches ~10 small kernels per
-        block and call (casts, folding, packing), about 0.1 ms of an H200 forward of UltraLightUNet3D base. When the
-        parameters change in place the kept tensors are overwritten in place too, so a CUDA graph that read them reads
-        the new values after :meth:`refresh_kernel_cache` (``InferenceCopy.refresh`` calls it) or any eager call."""
-        dtype = compute_dtype(x)
-        if torch.compiler.is_compiling():
-            return self._prepared_parts(dtype)
-        cache = self._kernel_cache
-        if cache is None or cache[0][:2] != (x.device, dtype):
-            parts = self._prepared_parts(dtype)
-            self._kernel_cache = ((x.device, dtype, self._state_key()), parts)
-            return parts
-        if cache[0][2] != self._state_key():
-            self.refresh_kernel_cache()
-        return self._kernel_cache[1]
-
-    @torch.jit.unused
-    def refresh_kernel_cache(self) -> None:
-        """Prepare :meth:`cached_kernel_parts` again from the current parameters, written into the kept tensors in place
-        (same shapes and dtypes; otherwise they are replaced)."""
-        if self._kernel_cache is None:
-            return
-        (device, dtype, _), old = self._kernel_cache
-        new = self._prepared_parts(dtype)
-        olds, news = _tensors(old), _tensors(new)
-        if old is not None and new is not None and len(olds) == len(news) \
-                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(olds, news)):
-            with torch.no_grad():
-                for a, b in zip(olds, news):
-                    a.copy_(b)
-            new = old
-        self._kernel_cache = ((device, dtype, self._state_key()), new)
-
-    @torch.jit.unused
-    def _state_key(self) -> tuple:
-        """What the prepared parts depend on: every parameter and buffer (identity, storage, in-place version) and the
-        modules' training flags."""
-        return (tuple(m.training for m in self.modules()),
-                tuple((id(t), t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers())))
 
     @torch.jit.unused
     def _prepared_parts(self, dtype: torch.dtype) -> tuple | None:

@@ -113,6 +113,9 @@ class DecoderStage(nn.Module):
             if self.upsample_relu:
                 x = torch.relu_(x) if inplace else torch.relu(x)
         if skip is not None:
+            if not torch.jit.is_scripting():
+                if self.triton and isinstance(self.gate, GAG):
+                    return self.gate.skip_sum(x, skip, inplace)  # (one kernel in inference where Triton runs)
             x = accumulate(x, self.gate(x, skip) if self.gate is not None else skip, inplace)
         return x
 
