@@ -20,7 +20,8 @@ only, no training row); ``ckpt`` activation checkpointing of every stage (``use_
 grouped convs as depth-wise convs (``accelerate(merge_pointwise=True)``); ``stepgraph`` the whole training step
 (forward, loss, backward, capturable AdamW) captured once and replayed as one CUDA graph, as ``ul3d train`` with
 ``train.cuda_graph`` does (training; the sliding window is the lever without it); ``half`` inference: the network's
-parameters in bfloat16 and the windows cast to it, no autocast (CUDA); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
+parameters in bfloat16 and the windows cast to it, no autocast (CUDA); ``gate`` inference: the decoder's GAG skip
+merges as ``ul3d.networks.depthwise.gated_skip_sum``'s kernels (``GATE_KERNEL``; with ``triton``); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
 network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
@@ -36,6 +37,7 @@ table and writes JSON (device name, date, versions) to ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -62,8 +64,8 @@ UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cu
                "stepgraph", "compile+stepgraph", "foldbn+graph+half"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
           "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget", "merge",
-          "stepgraph", "half"}
-INFERENCE_ONLY = {"ort", "graph", "half"}  # levers with no training row
+          "stepgraph", "half", "gate"}
+INFERENCE_ONLY = {"ort", "graph", "half", "gate"}  # levers with no training row
 MEMORY_BUDGET = 0.5  # ``membudget``: torch._functorch.config.activation_memory_budget
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
@@ -294,9 +296,28 @@ def _padded(net, batch: int):
     return run
 
 
+@contextlib.contextmanager
+def _gate_kernel(toks: set[str]):
+    """``ul3d.networks.depthwise.GATE_KERNEL`` on for the ``gate`` lever, restored afterwards."""
+    from ul3d.networks import depthwise as dwmod
+
+    saved = dwmod.GATE_KERNEL
+    dwmod.GATE_KERNEL = saved or "gate" in toks
+    try:
+        yield
+    finally:
+        dwmod.GATE_KERNEL = saved
+
+
 @torch.no_grad()
 def lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape, overlap: float, iters: int,
                          sw_batch: int = 4) -> dict:
+    with _gate_kernel(toks):
+        return _lever_sliding_window(spec, device, toks, shape, overlap, iters, sw_batch)
+
+
+def _lever_sliding_window(spec: str, device: torch.device, toks: set[str], shape, overlap: float, iters: int,
+                          sw_batch: int) -> dict:
     from monai.inferers import sliding_window_inference
 
     net = _lever_net(spec, device, toks, inference=True)
@@ -472,47 +493,48 @@ def run_profile(args, device: torch.device, name: str) -> None:
             toks = _tokens(lever)
             torch.backends.cudnn.benchmark = "cudnnbench" in toks
             infer = args.profile_infer
-            net = _lever_net(spec, device, toks, inference=infer)
-            mode = _compile_mode(toks)
-            if infer:  # one eval forward of a sliding-window batch (4 patches, bf16)
-                x4 = torch.randn(4, 1, *ROI, device=device)
-                forward = torch.compile(net, mode=mode) if mode else net
+            with _gate_kernel(toks):
+                net = _lever_net(spec, device, toks, inference=infer)
+                mode = _compile_mode(toks)
+                if infer:  # one eval forward of a sliding-window batch (4 patches, bf16)
+                    x4 = torch.randn(4, 1, *ROI, device=device)
+                    forward = torch.compile(net, mode=mode) if mode else net
 
-                @torch.no_grad()
-                def step():
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        forward(x4)
-            else:
-                step = make_step(net, device, torch.bfloat16, forward=torch.compile(net, mode=mode) if mode else net,
-                                 before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None)
+                    @torch.no_grad()
+                    def step():
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            forward(x4)
+                else:
+                    step = make_step(net, device, torch.bfloat16, forward=torch.compile(net, mode=mode) if mode else net,
+                                     before=torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else None)
 
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-                step()
+                for _ in range(3):
+                    step()
                 torch.cuda.synchronize()
-            ops = _ops_by_device_time(prof, 25)
-            events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-            total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
-            top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:15]
-            rows = [{"kernel": e.key[:120], "ms": getattr(e, "self_device_time_total", 0) / 1e3, "calls": e.count} for e in top]
-            torch.cuda.synchronize()
-            wall = _timed(step, device, 1, 10) * 1e3
-            _log(f"{spec} {lever}: {total:.1f} ms of CUDA kernels in one {'forward' if infer else 'step'}, "
-                 f"{wall:.1f} ms wall")
-            for r in rows:
-                print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['kernel']}", flush=True)
-            print("  by the op that launched the kernels, with its input shapes:")
-            for r in ops:
-                print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['op']}  {r['shapes']}", flush=True)
-            sequence = [{"kernel": e.name[:60], "us": round(e.time_range.end - e.time_range.start, 1)}  # every kernel, in launch order
-                        for e in sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
-                                        key=lambda e: e.time_range.start)]
-            report.append({"network": spec, "lever": lever, "what": "forward, batch 4" if infer else "training step",
-                           "cuda_ms": total, "wall_ms": wall, "launches": sum(e.count for e in events), "top": rows,
-                           "ops": ops, "sequence": sequence})
-            torch.backends.cudnn.benchmark = False
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+                    step()
+                    torch.cuda.synchronize()
+                ops = _ops_by_device_time(prof, 25)
+                events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+                total = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+                top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))[:15]
+                rows = [{"kernel": e.key[:120], "ms": getattr(e, "self_device_time_total", 0) / 1e3, "calls": e.count} for e in top]
+                torch.cuda.synchronize()
+                wall = _timed(step, device, 1, 10) * 1e3
+                _log(f"{spec} {lever}: {total:.1f} ms of CUDA kernels in one {'forward' if infer else 'step'}, "
+                     f"{wall:.1f} ms wall")
+                for r in rows:
+                    print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['kernel']}", flush=True)
+                print("  by the op that launched the kernels, with its input shapes:")
+                for r in ops:
+                    print(f"  {r['ms']:8.2f} ms  {r['calls']:5d}x  {r['op']}  {r['shapes']}", flush=True)
+                sequence = [{"kernel": e.name[:60], "us": round(e.time_range.end - e.time_range.start, 1)}  # every kernel, in launch order
+                            for e in sorted((e for e in prof.events() if e.device_type.name == "CUDA"),
+                                            key=lambda e: e.time_range.start)]
+                report.append({"network": spec, "lever": lever, "what": "forward, batch 4" if infer else "training step",
+                               "cuda_ms": total, "wall_ms": wall, "launches": sum(e.count for e in events), "top": rows,
+                               "ops": ops, "sequence": sequence})
+                torch.backends.cudnn.benchmark = False
             del net, step
             torch.cuda.empty_cache()
     out = Path(args.out)
