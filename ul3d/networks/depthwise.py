@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["compute_dtype", "depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act",
-           "upsample_relu_pointwise", "gated_skip_sum", "pack_gate", "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem",
-           "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
+           "upsample_relu_pointwise", "gated_skip_sum", "pack_gate", "linear_upsample", "max_pool_2x",
+           "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
@@ -257,6 +257,34 @@ MKDC_GRID: tuple[tuple[int, tuple[int, int, int, int, int]], ...] = ((48 * 48, (
                                                                     (24 * 24, (4, 4, 2, 32, 2)))
 
 
+def _kernel_sizes(widest: tuple[int, int, int], kernels: list[tuple[int, int, int]]) -> dict:
+    """The MKDC kernels' compile-time kernel sizes: the widest window MD×MH×MW and the branches' (0 for absent ones)."""
+    k3 = list(kernels) + [(0, 0, 0)] * (MAX_BRANCHES - len(kernels))
+    return dict(MD=widest[0], MH=widest[1], MW=widest[2], **{f"K{i}{a}": k3[i][j] for i in range(MAX_BRANCHES)
+                                                             for j, a in enumerate("DHW")})
+
+
+def _grid_setting(d: int, h: int, w: int, taps: int) -> tuple[int, int, int, int, int] | None:
+    """:data:`MKDC_GRID`'s setting for a d×h×w output volume whose widest kernel has ``taps`` taps, or None where
+    ``mkdc_forward_grid`` does not run (2D/1D, no pair for its planes, rows that do not divide depth and height)."""
+    if d <= 1 or taps > DEPTH_LOOP_TAPS:
+        return None
+    grid = next((g for plane, g in MKDC_GRID if h * w >= plane), None)
+    return None if grid is None or d % grid[0] or h % grid[1] else grid
+
+
+def _launch_grid(setting: tuple[int, int, int, int, int], xp: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                 y: torch.Tensor, shuffle_groups: int, lohi: list[float], kernel_sizes: dict, ipo: int = 1) -> None:
+    """``mkdc_forward_grid`` over ``y`` ``(N, C, D, H, W)`` with a :func:`_grid_setting` (the kernel is compiled for
+    each volume size); ``ipo``: input planes summed into each output channel."""
+    n, c, d, h, wd = y.shape
+    rows, hrows, bh, bw, warps = setting
+    th, tw = -(-h // (bh * hrows)), -(-wd // bw)
+    _kernels().mkdc_forward_grid[(d // rows * th * tw, n * c)](
+        xp, w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi, **kernel_sizes, ROWS=rows,
+        HR=hrows, BH=bh, BW=bw, IPO=ipo, num_warps=warps)
+
+
 def pack_branches(weights: list[torch.Tensor], biases: list[torch.Tensor | None]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`multikernel_depthwise`'s kernel arguments for these branches: every branch's taps of each channel in
@@ -332,7 +360,6 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
             y = y.clamp(lo, hi)
             out = y if out is None else out + y
         return out.unflatten(1, (shuffle_groups, c // shuffle_groups)).transpose(1, 2).flatten(1, 2)
-    k3 = [_kernel3(k) for k in kernels] + [(0, 0, 0)] * (MAX_BRANCHES - len(kernels))
     m3 = _kernel3(widest)
     lohi = _branch_bounds(bounds)
     w, b = packed if packed is not None else pack_branches(weights, biases)
@@ -346,16 +373,10 @@ def multikernel_depthwise(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     else:
         rows, (_, bh, bw) = 1, _blocks((1, h, wd), MKDC_TILE[0] * MKDC_TILE[1])
     xp = x5 if padded else _padded(x5, m3)
-    kernel_sizes = dict(MD=m3[0], MH=m3[1], MW=m3[2], K0D=k3[0][0], K0H=k3[0][1], K0W=k3[0][2], K1D=k3[1][0],
-                        K1H=k3[1][1], K1W=k3[1][2], K2D=k3[2][0], K2H=k3[2][1], K2W=k3[2][2])
-    grid = next((g for plane, g in MKDC_GRID if h * wd >= plane), None) if d > 1 else None
-    g_rows, g_hrows, g_bh, g_bw, g_warps = grid or (1, 1, 1, 1, 1)
-    if grid is not None and math.prod(m3) <= DEPTH_LOOP_TAPS and d % g_rows == 0 and h % g_hrows == 0:
-        # (the kernel is compiled for each volume size)
-        th, tw = -(-h // (g_bh * g_hrows)), -(-wd // g_bw)
-        _kernels().mkdc_forward_grid[(d // g_rows * th * tw, n * c)](
-            xp, w, b, y, c, d, h, wd, th, tw, c // shuffle_groups, shuffle_groups, *lohi, **kernel_sizes, ROWS=g_rows,
-            HR=g_hrows, BH=g_bh, BW=g_bw, num_warps=g_warps)
+    kernel_sizes = _kernel_sizes(m3, [_kernel3(k) for k in kernels])
+    grid = _grid_setting(d, h, wd, math.prod(m3))
+    if grid is not None:
+        _launch_grid(grid, xp, w, b, y, shuffle_groups, lohi, kernel_sizes)
         return y.reshape(n, c, *out_size)
     th, tw = -(-h // bh), -(-wd // bw)
     _kernels().mkdc_forward[(-(-d // rows) * th * tw, n * c)](
@@ -533,8 +554,8 @@ def gated_skip_sum(u: torch.Tensor, s: torch.Tensor, packed: tuple) -> torch.Ten
         raise ValueError(f"gated_skip_sum: inputs {tuple(u.shape)}, {tuple(s.shape)} and packed weights "
                          f"{tuple(w.shape)} (kernel {k}) are not a grouped attention gate over the inputs' channels")
     d, h, wd = u.shape[2:]
-    grid = next((g for plane, g in MKDC_GRID if h * wd >= plane), None)
-    if grid is None or math.prod(k) > DEPTH_LOOP_TAPS or d % grid[0] or h % grid[1]:
+    grid = _grid_setting(d, h, wd, math.prod(k))
+    if grid is None:
         return None
     dtype = compute_dtype(u)
     p = c // groups
@@ -544,12 +565,7 @@ def gated_skip_sum(u: torch.Tensor, s: torch.Tensor, packed: tuple) -> torch.Ten
     xp[(slice(None), slice(None), 0, slice(None)) + inner] = u.reshape(n, groups, p, d, h, wd)
     xp[(slice(None), slice(None), 1, slice(None)) + inner] = s.reshape(n, groups, p, d, h, wd)
     gate = torch.empty((n, groups, d, h, wd), device=u.device, dtype=dtype)
-    rows, hrows, bh, bw, warps = grid
-    th, tw = -(-h // (bh * hrows)), -(-wd // bw)
-    _kernels().mkdc_forward_grid[(d // rows * th * tw, n * groups)](
-        xp, w, b3, gate, groups, d, h, wd, th, tw, groups, 1, 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0,
-        MD=kd, MH=kh, MW=kw, K0D=kd, K0H=kh, K0W=kw, K1D=0, K1H=0, K1W=0, K2D=0, K2H=0, K2W=0, ROWS=rows, HR=hrows,
-        BH=bh, BW=bw, IPO=2 * p, num_warps=warps)
+    _launch_grid(grid, xp, w, b3, gate, 1, _branch_bounds([(0.0, float("inf"))]), _kernel_sizes(k, [k]), ipo=2 * p)
     y = torch.empty((n, c, d, h, wd), device=u.device, dtype=dtype)
     total = d * h * wd
     _kernels().gate_apply[(-(-total // GATE_BLOCK), n)](

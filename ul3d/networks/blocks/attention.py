@@ -350,7 +350,6 @@ class GAG(KernelPartsCache, nn.Module):
         gate, skip = (y if adn is None else adn(y) for y, adn in zip((gate, skip), adns))
         return gate + skip
 
-
     @torch.jit.unused
     def skip_sum(self, g: torch.Tensor, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``g + self(g, x)``: the decoder's skip merge (:class:`~ul3d.networks.nets.ultralightunet.DecoderStage`).

@@ -115,7 +115,7 @@ class DecoderStage(nn.Module):
         if skip is not None:
             if not torch.jit.is_scripting():
                 if self.triton and isinstance(self.gate, GAG):
-                    return self.gate.skip_sum(x, skip, inplace)  # (one kernel in inference where Triton runs)
+                    return self.gate.skip_sum(x, skip, inplace)  # (GATE_KERNEL: the gate's kernels where they run)
             x = accumulate(x, self.gate(x, skip) if self.gate is not None else skip, inplace)
         return x
 
