@@ -417,8 +417,9 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     from ul3d.networks.nets import ultralightunet
 
     for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
-                         (ultralightunet, "max_pool_2x"), (multikernel, "max_pool_2x"), (multikernel, "pooled_stem"),
-                         (_lean, "linear_upsample"), (multikernel, "pointwise_act"), (attention, "gated_skip_sum")):
+                         (_lean, "upsample2x_relu_pointwise"), (ultralightunet, "max_pool_2x"),
+                         (multikernel, "max_pool_2x"), (multikernel, "pooled_stem"), (_lean, "linear_upsample"),
+                         (_lean, "upsample2x_relu"), (multikernel, "pointwise_act"), (attention, "gated_skip_sum")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
     x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
@@ -427,8 +428,12 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     # 3D: the stages on 1 and 2 input channels (2 and 4 hidden) run as pooled stems, the others MKDC kernel + pool
     stems = 2 if dims == 3 else 0
     assert seen.count("pooled_stem") == stems and seen.count("multikernel_depthwise") == 10 - stems
-    assert seen.count("upsample_relu_pointwise") == 1 and seen.count("max_pool_2x") == 5 - stems
-    assert seen.count("linear_upsample") == 4  # the other decoder stages' upsampling + ReLU
+    # the upsamplings that double the volume run the cell kernels, the deepest ones (1 -> 1 voxel: the last pools
+    # are ceil_mode; 16² -> 1² after 4 pools, 8³ after 3) the tabled one
+    doubling = 3 if dims == 2 else 2
+    assert seen.count("upsample2x_relu_pointwise") == 1 and seen.count("max_pool_2x") == 5 - stems
+    assert seen.count("upsample2x_relu") == doubling and seen.count("linear_upsample") == 4 - doubling
+    assert seen.count("upsample_relu_pointwise") == 0
     assert seen.count("pointwise_act") == 2 * (10 - stems)  # expand and project of every other block
     assert seen.count("gated_skip_sum") == 0  # (GATE_KERNEL off by default)
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
@@ -497,6 +502,58 @@ def test_pooled_stem_leaves_what_it_does_not_compute(monkeypatch):
     block = MKIR(3, 1, 4).to(DEVICE).train()
     assert block.pooled_stem_parts(torch.randn(2, 1, 4, 4, 4, device=DEVICE), nn.MaxPool3d(2)) is None
     assert calls == []
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 5, 4, 6, 7),  # 3D
+    (1, 3, 1, 3, 2),  # size-1 and size-2 axes: the end outputs copy the end inputs
+    (1, 2, 9, 1, 5),
+    (2, 4, 6, 7),  # 2D
+    (1, 2, 1, 5),
+])
+def test_doubling_upsamplings_run_the_cell_kernels(shape, monkeypatch):
+    """A 2× (bi/tri)linear upsampling with ``align_corners=False`` (the network's decoder) runs the cell kernels
+    (upsample2x_relu_pointwise, upsample2x_relu), not the tabled ones, and computes F.interpolate (+ ReLU, + head);
+    align_corners=True and any other size run the tabled kernels."""
+    from ul3d.networks.nets import _lean
+    from ul3d.networks.nets._lean import upsample_relu
+
+    seen = []
+    for name in ("upsample2x_relu_pointwise", "upsample2x_relu", "upsample_relu_pointwise", "linear_upsample"):
+        fn = getattr(_lean, name)
+        monkeypatch.setattr(_lean, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
+    torch.manual_seed(0)
+    dims = len(shape) - 2
+    x = torch.randn(*shape, device=DEVICE)
+    mode = ("bilinear", "trilinear")[dims - 2]
+    conv = (nn.Conv2d, nn.Conv3d)[dims - 2]
+    for size, align_corners, cells in (([2 * s for s in shape[2:]], False, True),
+                                       ([2 * s for s in shape[2:]], True, False),
+                                       ([2 * s + 1 for s in shape[2:]], False, False)):
+        for relu, bias in ((True, True), (False, False)):
+            head = conv(shape[1], 3, 1, bias=bias).to(DEVICE)
+            seen.clear()
+            with torch.no_grad():
+                y = F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
+                y = y.relu() if relu else y
+                got = upsample_relu(x, size, relu=relu, align_corners=align_corners, triton=True)
+                got_head = upsample_relu_head(x, size, head, relu=relu, align_corners=align_corners, triton=True)
+                ref_head = head(y)
+            assert seen == (["upsample2x_relu", "upsample2x_relu_pointwise"] if cells
+                            else ["linear_upsample", "upsample_relu_pointwise"])
+            assert got.dtype == x.dtype and got.shape == y.shape and got_head.shape == ref_head.shape
+            assert (got - y).abs().max() <= 1e-6 * max(1.0, y.abs().max().item())
+            assert (got_head - ref_head).abs().max() <= 1e-5 * max(1.0, ref_head.abs().max().item())
+
+
+def test_cell_kernels_refuse_what_they_do_not_compute():
+    x = torch.randn(1, 2, 5, device=DEVICE)
+    assert not dw.doubled(x, [10]) and not dw.doubled(torch.randn(1, 2, 3, 4), [6, 9])
+    assert dw.doubled(torch.randn(1, 2, 3, 4), [6, 8]) and not dw.doubled(torch.randn(1, 2, 3, 4), [6])
+    with pytest.raises(ValueError, match="not 2D or 3D"):
+        dw.upsample2x_relu(x)
+    with pytest.raises(ValueError, match="1×1 head"):
+        dw.upsample2x_relu_pointwise(torch.randn(1, 2, 3, 4, device=DEVICE), torch.randn(3, 4, device=DEVICE), None)
 
 
 @pytest.mark.parametrize("shape,size,align_corners,relu", [

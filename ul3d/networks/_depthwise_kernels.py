@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 
 __all__ = ["dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward", "mkdc_forward_grid", "pointwise",
-           "stem_pooled", "upsample_relu", "upsample_relu_pointwise"]
+           "stem_pooled", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
+           "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
 
@@ -551,6 +552,142 @@ def upsample_relu(x_ptr, i0_ptr, i1_ptr, lam_ptr, y_ptr, d, h, w, D, H, W, RELU:
     if RELU:
         v = tl.maximum(v, 0.0)
     tl.store(y_ptr + nc * D * H * W + p, v.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _row2x(xb, r, c0, c1, m):
+    """The two outputs of one input row's cells (columns ``c0``, ``c1``: a cell's two source columns) under a 2× linear
+    upsampling with ``align_corners=False``: ``0.75·x[c0] + 0.25·x[c1]`` and ``0.25·x[c0] + 0.75·x[c1]``."""
+    a = tl.load(xb + r + c0, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(xb + r + c1, mask=m, other=0.0).to(tl.float32)
+    return 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b
+
+
+@triton.jit
+def _plane2x(xb, r0, r1, c0, c1, m):
+    """A cell's 2×2 outputs of one input plane (rows ``r0``, ``r1``): output rows 0 and 1, each with the cell's two
+    output columns interleaved (element 2i, 2i + 1: cell i's left and right column)."""
+    a0, a1 = _row2x(xb, r0, c0, c1, m)
+    b0, b1 = _row2x(xb, r1, c0, c1, m)
+    return (tl.interleave(0.75 * a0 + 0.25 * b0, 0.75 * a1 + 0.25 * b1),
+            tl.interleave(0.25 * a0 + 0.75 * b0, 0.25 * a1 + 0.75 * b1))
+
+
+@triton.jit
+def _cells2x(xb, z0, z1, r0, r1, c0, c1, m, hw, SD: tl.constexpr):
+    """A cell's 2×2×2 outputs (SD=2: depth doubled too; SD=1: one depth row, the last two values repeat the first two)
+    as (depth, height) = (0, 0), (0, 1), (1, 0), (1, 1), each with its two columns interleaved, float32."""
+    p0, p1 = _plane2x(xb + z0 * hw, r0, r1, c0, c1, m)
+    if SD == 2:
+        q0, q1 = _plane2x(xb + z1 * hw, r0, r1, c0, c1, m)
+        return 0.75 * p0 + 0.25 * q0, 0.75 * p1 + 0.25 * q1, 0.25 * p0 + 0.75 * q0, 0.25 * p1 + 0.75 * q1
+    return p0, p1, p0, p1
+
+
+@triton.jit
+def _cell_geometry(pid, cz, d, h, w, SD: tl.constexpr, BLOCK: tl.constexpr):
+    """Cells of a 2× linear upsampling (``align_corners=False``) of a d×h×w plane stack: cell (cz, cy, cx) lies between
+    input voxels c and c + 1 on each doubled axis (c from -1, sources clamped to the volume: the two end outputs copy
+    the end inputs) and gives outputs 2c + 1 and 2c + 2. Program ``pid`` takes BLOCK cells of depth row ``cz``
+    (SD=1: depth not doubled, cell cz = input row cz). Returns the source offsets (depth rows as plane indices, rows and
+    columns as element offsets), the mask of real cells, and the output coordinates: depth (scalar) and, interleaved
+    as :func:`_plane2x` gives the values, the height of output row 0 and the columns."""
+    q = pid * BLOCK + tl.arange(0, BLOCK)
+    m = q < (h + 1) * (w + 1)
+    cy = q // (w + 1) - 1
+    cx = q % (w + 1) - 1
+    if SD == 2:
+        z0 = tl.maximum(cz, 0)
+        z1 = tl.minimum(cz + 1, d - 1)
+        oz = 2 * cz + 1
+    else:
+        z0 = cz
+        z1 = cz
+        oz = cz
+    r0 = tl.maximum(cy, 0) * w
+    r1 = tl.minimum(cy + 1, h - 1) * w
+    c0 = tl.maximum(cx, 0)
+    c1 = tl.minimum(cx + 1, w - 1)
+    oy = tl.interleave(2 * cy + 1, 2 * cy + 1)
+    ox = tl.interleave(2 * cx + 1, 2 * cx + 2)
+    om = (tl.interleave(q, q) < (h + 1) * (w + 1)) & (ox >= 0) & (ox < 2 * w)  # (interleaving bools: no)
+    return z0, z1, r0, r1, c0, c1, m, oz, oy, ox, om
+
+
+@triton.jit
+def _store2x(ptr, v, oz, oy, ox, om, sz: tl.constexpr, sy: tl.constexpr, D, H, W, KM, ROWS: tl.constexpr):
+    """Store one (depth, height) sub-position of a block of cells (``v``: (KP, 2·BLOCK) with ROWS, ``KM`` its row
+    mask; else (2·BLOCK,)) into the output at ``ptr`` (channel rows already offset)."""
+    z = oz + sz + tl.zeros_like(oy)  # a tensor: a scalar's & with a tensor mask gives int32 in the interpreter
+    y = oy + sy
+    mask = om & (y >= 0) & (y < H) & (z >= 0) & (z < D)
+    off = z * H * W + y * W + ox
+    if ROWS:
+        tl.store(ptr + off[None, :], v.to(ptr.dtype.element_ty), mask=KM & mask[None, :])
+    else:
+        tl.store(ptr + off, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["C", "K", "d", "h", "w"])
+def upsample2x_relu_pointwise(x_ptr, wt_ptr, b_ptr, y_ptr, C, K, d, h, w, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              SD: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`upsample_relu_pointwise` for an exact 2× upsampling of height and width (and depth: SD=2) with
+    ``align_corners=False``: BLOCK cells (:func:`_cell_geometry`; program 0: cell block, 1: depth cell row, 2: n), each
+    reading its 2×2×2 source voxels of a channel once for its 8 outputs, with the weights 0.75 and 0.25 as constants
+    (the tabled kernel reads 8 sources per output voxel and channel)."""
+    cz = tl.program_id(1) - (SD - 1)
+    n = tl.program_id(2)
+    z0, z1, r0, r1, c0, c1, m, oz, oy, ox, om = _cell_geometry(tl.program_id(0), cz, d, h, w, SD, BLOCK)
+    kk = tl.arange(0, KP)
+    km = kk < K
+    a00 = tl.zeros((KP, 2 * BLOCK), dtype=tl.float32)
+    a01, a10, a11 = a00, a00, a00
+    for c in range(C):
+        v00, v01, v10, v11 = _cells2x(x_ptr + (n * C + c).to(tl.int64) * d * h * w, z0, z1, r0, r1, c0, c1, m, h * w,
+                                      SD)
+        if RELU:
+            v00, v01 = tl.maximum(v00, 0.0), tl.maximum(v01, 0.0)
+            v10, v11 = tl.maximum(v10, 0.0), tl.maximum(v11, 0.0)
+        wc = tl.load(wt_ptr + kk * C + c, mask=km, other=0.0)[:, None]
+        a00 += wc * v00[None, :]
+        a01 += wc * v01[None, :]
+        if SD == 2:
+            a10 += wc * v10[None, :]
+            a11 += wc * v11[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + kk, mask=km, other=0.0)[:, None]
+        a00, a01, a10, a11 = a00 + bias, a01 + bias, a10 + bias, a11 + bias
+    D = SD * d
+    H = 2 * h
+    W = 2 * w
+    out = y_ptr + (n * K + kk[:, None]).to(tl.int64) * D * H * W
+    _store2x(out, a00, oz, oy, ox, om, 0, 0, D, H, W, km[:, None], True)
+    _store2x(out, a01, oz, oy, ox, om, 0, 1, D, H, W, km[:, None], True)
+    if SD == 2:
+        _store2x(out, a10, oz, oy, ox, om, 1, 0, D, H, W, km[:, None], True)
+        _store2x(out, a11, oz, oy, ox, om, 1, 1, D, H, W, km[:, None], True)
+
+
+@triton.jit(do_not_specialize=["d", "h", "w"])
+def upsample2x_relu(x_ptr, y_ptr, d, h, w, RELU: tl.constexpr, SD: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`upsample_relu` for an exact 2× upsampling of height and width (and depth: SD=2) with
+    ``align_corners=False`` by cells as in :func:`upsample2x_relu_pointwise` (program 2: n·C + c)."""
+    cz = tl.program_id(1) - (SD - 1)
+    nc = tl.program_id(2).to(tl.int64)
+    z0, z1, r0, r1, c0, c1, m, oz, oy, ox, om = _cell_geometry(tl.program_id(0), cz, d, h, w, SD, BLOCK)
+    v00, v01, v10, v11 = _cells2x(x_ptr + nc * d * h * w, z0, z1, r0, r1, c0, c1, m, h * w, SD)
+    if RELU:
+        v00, v01 = tl.maximum(v00, 0.0), tl.maximum(v01, 0.0)
+        v10, v11 = tl.maximum(v10, 0.0), tl.maximum(v11, 0.0)
+    D = SD * d
+    H = 2 * h
+    W = 2 * w
+    out = y_ptr + nc * D * H * W
+    _store2x(out, v00, oz, oy, ox, om, 0, 0, D, H, W, True, False)
+    _store2x(out, v01, oz, oy, ox, om, 0, 1, D, H, W, True, False)
+    if SD == 2:
+        _store2x(out, v10, oz, oy, ox, om, 1, 0, D, H, W, True, False)
+        _store2x(out, v11, oz, oy, ox, om, 1, 1, D, H, W, True, False)
 
 
 @triton.jit(do_not_specialize=["d", "h", "w", "D", "H", "W"])

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["compute_dtype", "depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act",
-           "upsample_relu_pointwise", "gated_skip_sum", "pack_gate", "linear_upsample", "max_pool_2x",
-           "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
+           "upsample_relu_pointwise", "upsample2x_relu_pointwise", "upsample2x_relu", "doubled", "gated_skip_sum",
+           "pack_gate", "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
@@ -511,6 +511,53 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
         x.contiguous(), i0, i1, lam.float(), weight.float().contiguous(),
         bias.float().contiguous() if bias is not None else weight, y, c, k, *src, *out,
         RELU=bool(relu), HAS_BIAS=bias is not None, KP=max(_pow2(k), 2), BLOCK=block, num_warps=4)
+    return y
+
+
+def doubled(x: torch.Tensor, size: list[int]) -> bool:
+    """True when ``size`` doubles every spatial axis of a 2D or 3D ``x``: the case of :func:`upsample2x_relu` and
+    :func:`upsample2x_relu_pointwise` (with ``align_corners=False``, which the caller checks)."""
+    return x.dim() in (4, 5) and len(size) == x.dim() - 2 and all(int(o) == 2 * int(i) for o, i in
+                                                                      zip(size, x.shape[2:]))
+
+
+def _cell_launch(x: torch.Tensor, planes: int) -> tuple[tuple[int, int, int], tuple[int, int, int], int, int]:
+    """The input size as 3D, the grid of a 2× cell kernel over ``planes`` (samples or sample-channels), its depth
+    factor and its cells per program."""
+    d, h, w = _kernel3(tuple(x.shape[2:]))
+    sd = 2 if x.dim() == 5 else 1
+    block = min(128, max(32, _pow2((h + 1) * (w + 1))))
+    return (d, h, w), (-(-((h + 1) * (w + 1)) // block), d + sd - 1, planes), sd, block
+
+
+def upsample2x_relu_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = True
+                              ) -> torch.Tensor:
+    """:func:`upsample_relu_pointwise` for a (bi/tri)linear 2× upsampling with ``align_corners=False`` of a 2D or 3D
+    ``x`` (:func:`doubled`) as one Triton kernel that reads each cell's 2×2(×2) source voxels once for its 4 (8)
+    outputs, the weights 0.75 and 0.25 as constants (``F.interpolate``'s for this case: the tables do not enter)."""
+    n, c = x.shape[:2]
+    k = weight.shape[0]
+    if x.dim() not in (4, 5) or tuple(weight.shape) != (k, c) or k > MAX_HEAD_CHANNELS:
+        raise ValueError(f"upsample2x_relu_pointwise: input {tuple(x.shape)} and weight {tuple(weight.shape)} are not "
+                         f"a 2D/3D input and a 1×1 head of at most {MAX_HEAD_CHANNELS} channels")
+    src, grid, sd, block = _cell_launch(x, n)
+    y = torch.empty((n, k, *(2 * s for s in x.shape[2:])), device=x.device, dtype=compute_dtype(x))
+    _kernels().upsample2x_relu_pointwise[grid](
+        x.contiguous(), weight.float().contiguous(), bias.float().contiguous() if bias is not None else weight, y,
+        c, k, *src, RELU=bool(relu), HAS_BIAS=bias is not None, SD=sd, KP=max(_pow2(k), 2), BLOCK=block,
+        num_warps=4)
+    return y
+
+
+def upsample2x_relu(x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """:func:`linear_upsample` for a 2× upsampling with ``align_corners=False`` of a 2D or 3D ``x`` (:func:`doubled`)
+    as one Triton kernel over cells (:func:`upsample2x_relu_pointwise`), in x's dtype."""
+    if x.dim() not in (4, 5):
+        raise ValueError(f"upsample2x_relu: input {tuple(x.shape)} is not 2D or 3D")
+    src, grid, sd, block = _cell_launch(x, x.shape[0] * x.shape[1])
+    y = torch.empty((*x.shape[:2], *(2 * s for s in x.shape[2:])), device=x.device, dtype=x.dtype)
+    _kernels().upsample2x_relu[grid](x.contiguous(), y, *src, RELU=bool(relu), SD=sd, BLOCK=block,
+                                     num_warps=max(1, min(4, block // 32)))
     return y
 
 
