@@ -1,8 +1,9 @@
 """Micro-benchmark of UltraLightUNet3D's first encoder stage and its 2× max-pool in inference (CUDA, bf16 autocast,
 ``(4, 1, 96, 96, 96)``, BatchNorm folded): ``ul3d predict``'s Triton path without the stem kernel (the MKDC kernel,
 cuDNN's 1×1 convs and sum, :func:`ul3d.networks.depthwise.max_pool_2x`) against
-:func:`ul3d.networks.depthwise.pooled_stem`'s one kernel at several tiles (pooled rows × columns, warps), with the
-narrower branches' out-of-window taps skipped or multiplied by 0 (``STEM_SKIP``). Each
+:func:`ul3d.networks.depthwise.pooled_stem`'s one kernel at several tiles (pooled rows × columns, warps):
+``stem_pooled_cells`` (each expanded value computed once per pooled voxel, ``STEM_CELLS``) and ``stem_pooled`` (every
+tap's expanded value recomputed; the narrower branches' out-of-window taps skipped or multiplied by 0, ``STEM_SKIP``). Each
 variant is timed as a replayed CUDA graph (as the sliding window runs it) and checked against the unfused output.
 
     python benchmarks/bench_stem.py --out benchmarks/results --date 2026-12-02
@@ -23,23 +24,25 @@ from ul3d.networks import depthwise as dw
 from ul3d.networks.fast import accelerate
 from ul3d.networks.registry import build_network
 
-TILES = [((8, 16), 4), ((8, 16), 8), ((4, 16), 4), ((4, 32), 4), ((8, 8), 4), ((2, 16), 2), ((4, 8), 2),
-         ((16, 16), 8)]
-#: the narrower branches' out-of-window taps: skipped (True, dw.STEM_SKIP's default) or multiplied by 0 (False)
-SKIPS = [True, False]
+#: (kernel, pooled tile, warps, skip): ``stem_pooled_cells`` (dw.STEM_CELLS, the default) at several tiles, and
+#: ``stem_pooled`` with the narrower branches' out-of-window taps skipped (dw.STEM_SKIP) or multiplied by 0
+SETTINGS = [("cells", (8, 16), 4, True), ("taps", (8, 16), 4, True), ("cells", (4, 32), 4, True),
+            ("cells", (8, 8), 2, True), ("cells", (16, 16), 8, True), ("cells", (4, 16), 2, True),
+            ("cells", (8, 32), 8, True), ("taps", (8, 16), 4, False), ("taps", (8, 16), 8, True),
+            ("taps", (4, 16), 4, True), ("taps", (4, 32), 4, True), ("taps", (8, 8), 4, True)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["base", "T"])
-    ap.add_argument("--tiles", type=int, default=len(TILES), help="time the first N tiles of TILES")
+    ap.add_argument("--settings", type=int, default=len(SETTINGS), help="time the first N of SETTINGS")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--date", default=dt.date.today().isoformat())
     args = ap.parse_args()
     if not torch.cuda.is_available() or not dw.triton_available("cuda"):
         raise SystemExit("bench_stem.py needs CUDA and Triton")
     rows = []
-    saved = dw.STEM_TILE, dw.STEM_WARPS, dw.STEM_SKIP
+    saved = dw.STEM_CELLS, dw.STEM_CELLS_TILE, dw.STEM_CELLS_WARPS, dw.STEM_TILE, dw.STEM_WARPS, dw.STEM_SKIP
     for variant in args.variants:
         net = build_network(f"ultralightunet:{variant}", out_channels=3).cuda().eval()
         net = accelerate(net, fused_mkdc=False, fold_bn=True, triton=True)
@@ -49,18 +52,23 @@ def main() -> None:
             ref = dw.max_pool_2x(stage(x), pool)
             rows.append(dict(variant=variant, what="unfused", ms=graph_ms(lambda: dw.max_pool_2x(stage(x), pool))))
             print(rows[-1], flush=True)
-            for tile, warps, skip in [(t, w, s) for s in SKIPS for t, w in TILES[:args.tiles]]:
-                dw.STEM_TILE, dw.STEM_WARPS, dw.STEM_SKIP = tile, warps, skip
+            for kernel, tile, warps, skip in SETTINGS[:args.settings]:
+                dw.STEM_CELLS, dw.STEM_SKIP = kernel == "cells", skip
+                if kernel == "cells":
+                    dw.STEM_CELLS_TILE, dw.STEM_CELLS_WARPS = tile, warps
+                else:
+                    dw.STEM_TILE, dw.STEM_WARPS = tile, warps
                 t0 = time.perf_counter()
                 got = stage.forward_pooled(x, pool, triton=True)
                 torch.cuda.synchronize()
                 first = time.perf_counter() - t0
-                rows.append(dict(variant=variant, what=f"pooled_stem tile {tile} warps {warps} skip {skip}",
+                rows.append(dict(variant=variant, what=f"pooled_stem {kernel} tile {tile} warps {warps}"
+                                 + ("" if kernel == "cells" else f" skip {skip}"),
                                  ms=graph_ms(lambda: stage.forward_pooled(x, pool, triton=True)), first_call_s=first,
                                  max_abs_diff_bf16=(got.float() - ref.float()).abs().max().item(),
                                  ref_max=ref.float().abs().max().item()))
                 print(rows[-1], flush=True)
-    dw.STEM_TILE, dw.STEM_WARPS, dw.STEM_SKIP = saved
+    dw.STEM_CELLS, dw.STEM_CELLS_TILE, dw.STEM_CELLS_WARPS, dw.STEM_TILE, dw.STEM_WARPS, dw.STEM_SKIP = saved
     name = torch.cuda.get_device_name()
     print(f"\n{name}; torch {torch.__version__}; {args.date}\n")
     print("| variant | path | ms | vs unfused |\n|---|---|---:|---:|")

@@ -119,12 +119,13 @@ def test_default_grid_table_picks_the_kernel_by_plane(size, grid, monkeypatch):
 class _Recording:
     """A Triton kernel that records its launches."""
 
-    def __init__(self, kernel, calls):
-        self.kernel, self.calls = kernel, calls
+    def __init__(self, kernel, calls, name=None):
+        self.kernel, self.calls, self.name = kernel, calls, name
 
     def __getitem__(self, grid):
-        self.calls.append(grid)
+        self.calls.append(grid if self.name is None else self.name)
         return self.kernel[grid]
+
 
 def test_multikernel_depthwise_rejects_what_it_does_not_compute():
     x = torch.randn(1, 4, 5, 5, 5)
@@ -459,26 +460,33 @@ def test_network_with_the_gate_kernel_is_the_same_function(monkeypatch):
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 
-@pytest.mark.parametrize("cin,out,shape,kernels,fold,skip", [
-    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, True),  # the network's first stage (base), one program
-    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, False),  # ... with the out-of-window taps as weights of 0
-    (1, 4, (2, 2, 4, 6), (1, 3, 5), False, True),  # BatchNorm folded on the fly, two samples
-    (2, 8, (1, 4, 4, 8), (3, 5), True, True),  # a two-channel image (prostate), two branches
+@pytest.mark.parametrize("cin,out,shape,kernels,fold,kernel", [
+    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, "cells"),  # the network's first stage (base), one program
+    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, "skip"),  # stem_pooled, out-of-window taps skipped
+    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, "zeros"),  # ... as weights of 0
+    (1, 4, (2, 2, 4, 6), (1, 3, 5), False, "cells"),  # BatchNorm folded on the fly, two samples
+    (1, 4, (1, 4, 18, 34), (1, 3, 5), True, "cells"),  # 2 × 3 pooled tiles, the last ones part-full
+    (2, 8, (1, 4, 4, 8), (3, 5), True, "cells"),  # a two-channel image (prostate): 4 hidden, two branches
+    (2, 8, (1, 4, 4, 8), (3, 5), True, "skip"),
 ])
-def test_pooled_stem_is_the_plain_stage(cin, out, shape, kernels, fold, skip, monkeypatch):
+def test_pooled_stem_is_the_plain_stage(cin, out, shape, kernels, fold, kernel, monkeypatch):
     """An eval-mode MKIR on a few-channel image followed by 2× max-pooling, with autograd off, runs as one kernel
-    (pooled_stem) and computes pool(block(x)), whether the narrower branches skip their out-of-window taps or not."""
+    (pooled_stem: stem_pooled_cells, or stem_pooled whether the narrower branches skip their out-of-window taps or
+    not) and computes pool(block(x))."""
     torch.manual_seed(0)
-    monkeypatch.setattr(dw, "STEM_SKIP", skip)
+    monkeypatch.setattr(dw, "STEM_CELLS", kernel == "cells")
+    monkeypatch.setattr(dw, "STEM_SKIP", kernel == "skip")
     ref = _randomise_batchnorm(MKIR(3, cin, out, kernels=kernels)).to(DEVICE).eval()
     fast = fold_batchnorm(ref) if fold else copy.deepcopy(ref)
     pool = nn.MaxPool3d(2, ceil_mode=True)
-    kernels_module, calls = dw._kernels(), []
-    monkeypatch.setattr(dw, "_kernels", lambda: calls.append(1) or kernels_module)
+    calls = []
+    k = dw._kernels()
+    for name in ("stem_pooled", "stem_pooled_cells"):
+        monkeypatch.setattr(k, name, _Recording(getattr(k, name), calls, name))
     x = torch.randn(shape[0], cin, *shape[1:], device=DEVICE) * 2
     with torch.no_grad():
         a, b = pool(ref(x)), fast.forward_pooled(x, pool, triton=True)
-    assert calls == [1] and b.shape == a.shape
+    assert calls == ["stem_pooled_cells" if kernel == "cells" else "stem_pooled"] and b.shape == a.shape
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 
