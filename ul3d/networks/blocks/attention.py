@@ -353,7 +353,7 @@ class GAG(KernelPartsCache, nn.Module):
     @torch.jit.unused
     def skip_sum(self, g: torch.Tensor, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``g + self(g, x)``: the decoder's skip merge (:class:`~ul3d.networks.nets.ultralightunet.DecoderStage`).
-        With :data:`~ul3d.networks.depthwise.GATE_KERNEL` (off by default until timed), ``triton``, autograd off,
+        With :data:`~ul3d.networks.depthwise.GATE_KERNEL` (on by default), ``triton``, autograd off,
         Triton available and both norms folded (inference), two kernels where they run
         (:func:`~ul3d.networks.depthwise.gated_skip_sum`: the gate's convs with input rows shared, then ψ, the
         sigmoid, the product and the sum in one pass); otherwise the modules, ``inplace`` adding into ``g``."""
