@@ -26,9 +26,10 @@ from ul3d.networks.registry import build_network
 
 #: (kernel, pooled tile, warps, skip): ``stem_pooled_cells`` (dw.STEM_CELLS, the default) at several tiles, and
 #: ``stem_pooled`` with the narrower branches' out-of-window taps skipped (dw.STEM_SKIP) or multiplied by 0
-SETTINGS = [("cells", (8, 16), 4, True), ("taps", (8, 16), 4, True), ("cells", (4, 32), 4, True),
-            ("cells", (8, 8), 2, True), ("cells", (16, 16), 8, True), ("cells", (4, 16), 2, True),
-            ("cells", (8, 32), 8, True), ("taps", (8, 16), 4, False), ("taps", (8, 16), 8, True),
+SETTINGS = [("cells", (8, 16), 4, True), ("taps", (8, 16), 4, True), ("cells", (8, 16), 2, True),
+            ("cells", (16, 16), 4, True), ("cells", (8, 32), 4, True), ("cells", (4, 32), 2, True),
+            ("cells", (8, 8), 1, True), ("cells", (4, 32), 4, True), ("cells", (8, 8), 2, True),
+            ("cells", (16, 16), 8, True), ("taps", (8, 16), 4, False), ("taps", (8, 16), 8, True),
             ("taps", (4, 16), 4, True), ("taps", (4, 32), 4, True), ("taps", (8, 8), 4, True)]
 
 
