@@ -420,7 +420,8 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     for module, name in ((multikernel, "multikernel_depthwise"), (_lean, "upsample_relu_pointwise"),
                          (_lean, "upsample2x_relu_pointwise"), (ultralightunet, "max_pool_2x"),
                          (multikernel, "max_pool_2x"), (multikernel, "pooled_stem"), (_lean, "linear_upsample"),
-                         (_lean, "upsample2x_relu"), (multikernel, "pointwise_act"), (attention, "gated_skip_sum")):
+                         (_lean, "upsample2x_relu"), (multikernel, "pointwise_act"), (attention, "gated_skip_sum"),
+                         (attention, "channel_spatial_attention")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name, **k: seen.append(name) or fn(*a, **k))
     x = torch.randn((1, 1) + ((16, 16) if dims == 2 else (8, 8, 8)), device=DEVICE)
@@ -439,6 +440,7 @@ def test_network_inference_kernels_are_the_same_function(dims, monkeypatch):
     # GATE_KERNEL (on by default): each of the 4 skip merges of the 3D network asks for the gate kernels (at these
     # sizes the default grid settings take none of them: the modules run); 2D merges never ask
     assert seen.count("gated_skip_sum") == (4 if dims == 3 else 0)
+    assert seen.count("channel_spatial_attention") == 5  # every decoder stage's CMFA
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 
@@ -512,6 +514,70 @@ def test_pooled_stem_leaves_what_it_does_not_compute(monkeypatch):
     block = MKIR(3, 1, 4).to(DEVICE).train()
     assert block.pooled_stem_parts(torch.randn(2, 1, 4, 4, 4, device=DEVICE), nn.MaxPool3d(2)) is None
     assert calls == []
+
+
+@pytest.mark.parametrize("dims,size,channels,kernel", [
+    (3, (5, 6, 7), 20, 3),  # 20 channels: two steps of 16, the second part-full; 210 voxels: one block
+    (3, (8, 8, 8), 16, 7),  # the network's 7³ spatial conv; two voxel blocks
+    (3, (3, 3, 3), 48, 3),  # the bottleneck's size, three channel steps (hidden 3)
+    (2, (9, 11), 40, 7),  # 2D
+])
+def test_cmfa_kernels_are_the_plain_attention(dims, size, channels, kernel, monkeypatch):
+    """An eval-mode CMFA with ``triton`` and autograd off runs as plane_stats, cmfa_describe, the depth-wise kernel
+    and cmfa_apply, and computes SA(CA(x)) (Eqs. 3-4)."""
+    from ul3d.networks.blocks import CMFA
+
+    torch.manual_seed(0)
+    ref = CMFA(dims, channels, spatial_kernel=kernel).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.5)
+    fast = accelerate(ref, triton=True, copy_model=True)
+    calls = []
+    k = dw._kernels()
+    for name in ("plane_stats", "cmfa_describe", "cmfa_apply"):
+        monkeypatch.setattr(k, name, _Recording(getattr(k, name), calls, name))
+    x = torch.randn(2, channels, *size, device=DEVICE) * 2
+    with torch.no_grad():
+        a, b = ref(x), fast(x)
+        calls_one = list(calls)
+        x[1, 3, 0] = float("nan")  # a NaN: the max-pool and the channel maximum propagate it, as the modules do
+        nan_a, nan_b = ref(x), fast(x)
+    assert calls_one == ["plane_stats", "cmfa_describe", "cmfa_apply"]
+    assert b.shape == a.shape and b.dtype == a.dtype
+    assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+    assert torch.equal(nan_a.isnan(), nan_b.isnan()) and nan_a.isnan().any()
+    assert torch.allclose(nan_a.nan_to_num(), nan_b.nan_to_num(), atol=1e-5)
+
+
+def test_cmfa_kernels_leave_what_they_do_not_compute(monkeypatch):
+    """Autograd on, another MLP activation, more channels than the kernels take: the modules."""
+    from ul3d.networks.blocks import CMFA
+
+    calls = []
+    monkeypatch.setattr(attention_module(), "channel_spatial_attention",
+                        lambda *a, **k: calls.append(1) or dw.channel_spatial_attention(*a, **k))
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, 4, device=DEVICE)
+    block = accelerate(CMFA(3, 4, spatial_kernel=3).to(DEVICE).eval(), triton=True, copy_model=True)
+    ref = block.spatial(block.channel(x))
+    torch.testing.assert_close(block(x), ref)  # autograd on
+    gelu = accelerate(CMFA(3, 4, spatial_kernel=3, act="gelu").to(DEVICE).eval(), triton=True, copy_model=True)
+    with torch.no_grad():
+        torch.testing.assert_close(gelu(x), gelu.spatial(gelu.channel(x)))
+    assert calls == []
+    monkeypatch.setattr(dw, "CMFA_MAX_CHANNELS", 2)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), ref.detach())
+    assert calls == [1]  # asked, refused (None): the modules ran
+    with pytest.raises(ValueError, match="not a CMFA's"):
+        dw.channel_spatial_attention(x, torch.zeros(1, 4), torch.zeros(4, 1), torch.zeros(2, 1, 2, 2, 2))
+
+
+def attention_module():
+    from ul3d.networks.blocks import attention
+
+    return attention
 
 
 @pytest.mark.parametrize("shape", [

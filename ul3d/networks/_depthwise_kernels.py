@@ -7,8 +7,8 @@ offset from the tile's pointers, with one mask (the output tile's bounds) shared
 import triton
 import triton.language as tl
 
-__all__ = ["dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward", "mkdc_forward_grid", "pointwise",
-           "stem_pooled", "stem_pooled_cells", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
+__all__ = ["cmfa_apply", "cmfa_describe", "dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward",
+           "mkdc_forward_grid", "plane_stats", "pointwise", "stem_pooled", "stem_pooled_cells", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
            "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
@@ -971,6 +971,105 @@ def stem_pooled_cells(xp_ptr, we_ptr, be_ptr, wc_ptr, bb_ptr, wo_ptr, bo_ptr, y_
         if CIN > 1:
             v += tl.load(wo_ptr + o * NW + HC + 1) * c1
         tl.store(yb + o * PD * PH * PW, tl.max(v, axis=0).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """max that propagates NaN, as ``torch.amax``."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit(do_not_specialize=["S"])
+def plane_stats(x_ptr, sum_ptr, max_ptr, S, BLOCK: tl.constexpr):
+    """Per plane ``nc`` (program 0): the sum and the maximum (NaN propagating) of its S voxels, float32: Eq. 3's AAP
+    and AMP in one read of x."""
+    nc = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for start in range(0, S, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        m = o < S
+        v = tl.load(x_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32)
+        acc += v
+        best = _max_nan(best, tl.where(m, v, float("-inf")))
+    tl.store(sum_ptr + nc, tl.sum(acc, axis=0))
+    tl.store(max_ptr + nc, tl.reduce(best, 0, _max_nan))
+
+
+@triton.jit
+def _channel_hidden(sum_ptr, max_ptr, w1_ptr, n, C, HID, S, CP: tl.constexpr, HP: tl.constexpr):
+    """Eq. 3's shared MLP up to its second conv, for sample n: ``ReLU(W1·AAP(x)) + ReLU(W1·AMP(x))`` (HP,) (the
+    second, linear conv is applied once to the sum; ReLU keeps NaN, as PyTorch's)."""
+    cc = tl.arange(0, CP)
+    hh = tl.arange(0, HP)
+    cm = cc < C
+    w1 = tl.load(w1_ptr + hh[:, None] * C + cc[None, :], mask=(hh < HID)[:, None] & cm[None, :], other=0.0)
+    avg = tl.load(sum_ptr + n * C + cc, mask=cm, other=0.0) / S
+    mx = tl.load(max_ptr + n * C + cc, mask=cm, other=0.0)
+    return _max_nan(tl.sum(w1 * avg[None, :], axis=1), 0.0) + _max_nan(tl.sum(w1 * mx[None, :], axis=1), 0.0)
+
+
+@triton.jit(do_not_specialize=["C", "HID", "S", "H", "W", "PD", "PH", "PW"])
+def cmfa_describe(x_ptr, sum_ptr, max_ptr, w1_ptr, w2_ptr, cw_ptr, desc_ptr, C, HID, S, H, W, PD, PH, PW,
+                  CP: tl.constexpr, HP: tl.constexpr, CB: tl.constexpr, BLOCK: tl.constexpr):
+    """CMFA's channel attention and the spatial attention's descriptor in one pass over x (program 0: voxel block,
+    1: sample n): the weights ``cw = σ(W2·(ReLU(W1·AAP) + ReLU(W1·AMP)))`` (Eq. 3, written by each sample's first
+    program) and, over the channels of ``x·cw``, the maximum and the mean (Eq. 4's descriptor) written into the
+    interior of ``desc`` (N, 2, D + 2·PD, H + 2·PH, W + 2·PW) (its zero border: the conv's padding); CB channels at a
+    time."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    hsum = _channel_hidden(sum_ptr, max_ptr, w1_ptr, n, C, HID, S, CP, HP)
+    hh = tl.arange(0, HP)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    m = p < S
+    dsum = tl.zeros((BLOCK,), dtype=tl.float32)
+    dmax = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    xb = x_ptr + (n * C).to(tl.int64) * S
+    for c0 in range(0, C, CB):
+        rows = c0 + tl.arange(0, CB)
+        rm = rows < C
+        w2 = tl.load(w2_ptr + rows[:, None] * HID + hh[None, :], mask=rm[:, None] & (hh < HID)[None, :], other=0.0)
+        cw = tl.sigmoid(tl.sum(w2 * hsum[None, :], axis=1))
+        if pid == 0:
+            tl.store(cw_ptr + n * C + rows, cw, mask=rm)
+        mm = rm[:, None] & m[None, :]
+        v = tl.load(xb + rows[:, None] * S + p[None, :], mask=mm, other=0.0).to(tl.float32) * cw[:, None]
+        dsum += tl.sum(tl.where(mm, v, 0.0), axis=0)
+        dmax = _max_nan(dmax, tl.reduce(tl.where(mm, v, float("-inf")), 0, _max_nan))
+    Hp = H + 2 * PH
+    Wp = W + 2 * PW
+    plane = (S // (H * W) + 2 * PD) * Hp * Wp
+    z = p // (H * W)
+    off = ((z + PD) * Hp + (p // W) % H + PH) * Wp + p % W + PW
+    db = desc_ptr + (n * 2).to(tl.int64) * plane
+    tl.store(db + off, dmax.to(desc_ptr.dtype.element_ty), mask=m)
+    tl.store(db + plane + off, (dsum / C).to(desc_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["C", "S"])
+def cmfa_apply(x_ptr, cw_ptr, a_ptr, y_ptr, C, S, G: tl.constexpr, CB: tl.constexpr, BLOCK: tl.constexpr):
+    """CMFA's output ``x · cw · σ(Σ_g a_g)`` (Eq. 3 then Eq. 4: the spatial attention's conv given as its G summed
+    planes ``a`` (N, G, S)), CB channels at a time (program 0: voxel block, 1: sample n)."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    p = pid * BLOCK + tl.arange(0, BLOCK)
+    m = p < S
+    ab = a_ptr + (n * G).to(tl.int64) * S
+    att = tl.load(ab + p, mask=m, other=0.0).to(tl.float32)
+    for g in tl.static_range(1, G):
+        att += tl.load(ab + g * S + p, mask=m, other=0.0).to(tl.float32)
+    att = tl.sigmoid(att)
+    xb = x_ptr + (n * C).to(tl.int64) * S
+    yb = y_ptr + (n * C).to(tl.int64) * S
+    for c0 in range(0, C, CB):
+        rows = c0 + tl.arange(0, CB)
+        rm = rows < C
+        cw = tl.load(cw_ptr + n * C + rows, mask=rm, other=0.0)
+        mm = rm[:, None] & m[None, :]
+        off = rows[:, None] * S + p[None, :]
+        v = tl.load(xb + off, mask=mm, other=0.0).to(tl.float32) * cw[:, None] * att[None, :]
+        tl.store(yb + off, v.to(y_ptr.dtype.element_ty), mask=mm)
 
 
 @triton.jit(do_not_specialize=["S"])

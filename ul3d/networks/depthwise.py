@@ -38,7 +38,7 @@ from torch import nn
 
 __all__ = ["compute_dtype", "depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act",
            "upsample_relu_pointwise", "upsample2x_relu_pointwise", "upsample2x_relu", "doubled", "gated_skip_sum",
-           "pack_gate", "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
+           "pack_gate", "channel_spatial_attention", "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
@@ -619,6 +619,57 @@ def gated_skip_sum(u: torch.Tensor, s: torch.Tensor, packed: tuple) -> torch.Ten
     _kernels().gate_apply[(-(-total // GATE_BLOCK), n)](
         u.to(dtype).contiguous(), s.to(dtype).contiguous(), gate, wpsi, bpsi, y, total, C=c, G=groups,
         BLOCK=GATE_BLOCK, num_warps=4)
+    return y
+
+
+#: most channels and hidden channels of :func:`channel_spatial_attention`'s kernels, their channels per step and
+#: voxels per program, and whether CMFA blocks use them (``accelerate(triton=True)``, autograd off; not yet timed)
+CMFA_MAX_CHANNELS, CMFA_MAX_HIDDEN, CMFA_CHANNELS, CMFA_BLOCK, CMFA_KERNELS = 1024, 64, 16, 256, True
+
+
+def channel_spatial_attention(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, spatial: torch.Tensor,
+                              packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """CMFA (§3.2): ``SA(CA(x))`` with Eq. 3's channel attention (``fc1`` (HID, C), ``fc2`` (C, HID), float32: its
+    bias-free shared MLP with ReLU) and Eq. 4's spatial attention (``spatial``: its bias-free 2 -> 1 conv's weight as
+    the depth-wise weight ``(2, 1, *k)``, odd k; ``packed``: :func:`pack_branches` of it, kept by the caller) in four
+    Triton kernels (inference; needs :func:`triton_available`), or None where they do not run (the caller runs the
+    modules).
+
+    ``plane_stats`` reads x once for every channel's mean and maximum; ``cmfa_describe`` computes the channel weights
+    and, in one more read, the channel maximum and mean of ``x·cw`` into a zero-padded two-channel descriptor;
+    the depth-wise kernel convolves its two channels (:func:`multikernel_depthwise`, ``padded``); ``cmfa_apply``
+    writes ``x·cw·σ(a_0 + a_1)``. The modules take ~19 kernels and five passes over x or ``x·cw``. Under autocast the
+    output is in the autocast dtype; the kernels compute in float32."""
+    dims = x.dim() - 2
+    n, c = x.shape[:2]
+    hidden = fc1.shape[0]
+    k = tuple(spatial.shape[2:])
+    if not 1 <= dims <= 3 or tuple(fc1.shape) != (hidden, c) or tuple(fc2.shape) != (c, hidden) or len(k) != dims \
+            or tuple(spatial.shape[:2]) != (2, 1) or any(kk % 2 == 0 for kk in k):
+        raise ValueError(f"channel_spatial_attention: input {tuple(x.shape)}, fc1 {tuple(fc1.shape)}, fc2 "
+                         f"{tuple(fc2.shape)} and spatial weight {tuple(spatial.shape)} are not a CMFA's")
+    if c > CMFA_MAX_CHANNELS or hidden > CMFA_MAX_HIDDEN or compute_dtype(x) not in TRITON_DTYPES:
+        return None
+    dtype = compute_dtype(x)
+    xc = x.to(dtype).contiguous()
+    size = [int(s_) for s_ in x.shape[2:]]
+    total = math.prod(size)
+    sums = torch.empty(n * c, device=x.device, dtype=torch.float32)
+    maxs = torch.empty_like(sums)
+    _kernels().plane_stats[(n * c,)](xc, sums, maxs, total, BLOCK=2048, num_warps=4)
+    pads = [kk // 2 for kk in k]
+    desc = torch.zeros((n, 2, *(s_ + 2 * p_ for s_, p_ in zip(size, pads))), device=x.device, dtype=dtype)
+    cw = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    _, h3, w3 = _kernel3(tuple(size))
+    pd, ph, pw = (0,) * (3 - dims) + tuple(pads)
+    grid = (-(-total // CMFA_BLOCK), n)
+    _kernels().cmfa_describe[grid](xc, sums, maxs, fc1, fc2, cw, desc, c, hidden, total, h3, w3, pd, ph, pw,
+                                   CP=max(_pow2(c), 2), HP=max(_pow2(hidden), 2), CB=CMFA_CHANNELS, BLOCK=CMFA_BLOCK,
+                                   num_warps=4)
+    inf = float("inf")
+    a = multikernel_depthwise(desc, [spatial], [None], [(-inf, inf)], padded=True, packed=packed)
+    y = torch.empty_like(xc)
+    _kernels().cmfa_apply[grid](xc, cw, a, y, c, total, G=2, CB=CMFA_CHANNELS, BLOCK=CMFA_BLOCK, num_warps=4)
     return y
 
 

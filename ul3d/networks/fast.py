@@ -84,7 +84,7 @@ def accelerate(
             spatial-attention conv runs as 2D convs over the depth slices plus a shifted sum; UltraLightUNet's last stage
             upsamples, applies ReLU and the head one slab of rows at a time (``slab_head``).
     """
-    from .blocks.attention import GAG, SpatialAttention
+    from .blocks.attention import CMFA, GAG, SpatialAttention
     from .blocks.multikernel import MKDC, MKIR
     from .nets.ultralightunet import DecoderStage, UltraLightUNet
 
@@ -111,6 +111,8 @@ def accelerate(
         if isinstance(m, SpatialAttention):
             m.sliced = bool(merge_pointwise)
             m.depthwise = bool(triton)
+        if isinstance(m, CMFA):
+            m.triton = bool(triton)
         if inplace and isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             m.inplace = True
         if isinstance(m, (MKDC, MKIR, DecoderStage)):

@@ -12,7 +12,8 @@ from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
 from .. import depthwise as _depthwise
-from ..depthwise import TRITON_DTYPES, depthwise_conv, gated_skip_sum, pack_gate, triton_available
+from ..depthwise import (TRITON_DTYPES, channel_spatial_attention, depthwise_conv, gated_skip_sum, pack_branches,
+                         pack_gate, triton_available)
 from .multikernel import MKIR, KernelPartsCache, accumulate, channels_last_format, is_channels_last
 
 __all__ = [
@@ -188,7 +189,7 @@ class SpatialAttention(nn.Module):
         return self.weights(x) * x
 
 
-class CMFA(nn.Module):
+class CMFA(KernelPartsCache, nn.Module):
     """Convolutional multi-focal attention (§3.2, Fig. 2f): channel attention, then spatial attention.
 
     Args:
@@ -213,9 +214,37 @@ class CMFA(nn.Module):
         super().__init__()
         self.channel = ChannelAttention(spatial_dims, channels, reduction, act)
         self.spatial = spatial_attention if spatial_attention is not None else SpatialAttention(spatial_dims, spatial_kernel)
+        # ``triton`` (``accelerate(triton=True)``): with autograd off, both attentions as ul3d's four Triton kernels
+        # where they run (:func:`~ul3d.networks.depthwise.channel_spatial_attention`)
+        self.triton = False
+        self._kernel_cache: tuple | None = None  # (key, parts) of the last :meth:`cached_kernel_parts`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # (TorchScript skips this block)
+            if _depthwise.CMFA_KERNELS and self.triton and not torch.is_grad_enabled() and triton_available(x.device) \
+                    and x.dtype in TRITON_DTYPES:
+                parts = self.cached_kernel_parts(x)
+                y = None if parts is None else channel_spatial_attention(x, *parts)
+                if y is not None:
+                    return y
         return self.spatial(self.channel(x))
+
+    @torch.jit.unused
+    def _prepared_parts(self, dtype: torch.dtype) -> tuple | None:
+        """:func:`~ul3d.networks.depthwise.channel_spatial_attention`'s weights (the MLP's two convs as float32
+        matrices, the spatial conv as a depth-wise weight and packed), or None where it does not compute this CMFA:
+        the MLP's act is ReLU, its convs and the spatial conv are bias-free (as built) with odd spatial kernels."""
+        ca, conv = self.channel, self.spatial.conv
+        if type(ca.act) is not nn.ReLU or ca.fc1.bias is not None or ca.fc2.bias is not None or conv.bias is not None \
+                or any(k % 2 == 0 for k in conv.kernel_size) or any(p != k // 2 for p, k in zip(conv.padding,
+                                                                                            conv.kernel_size)) \
+                or any(s != 1 for s in conv.stride) or any(d != 1 for d in conv.dilation) or conv.groups != 1 \
+                or conv.padding_mode != "zeros":
+            return None
+        fc1 = ca.fc1.weight.detach().reshape(ca.fc1.out_channels, -1).float().contiguous()
+        fc2 = ca.fc2.weight.detach().reshape(ca.fc2.out_channels, -1).float().contiguous()
+        spatial = conv.weight.detach().reshape(2, 1, *conv.weight.shape[2:]).float().contiguous()
+        return fc1, fc2, spatial, pack_branches([spatial], [None])
 
 
 class MKIRA(nn.Module):
