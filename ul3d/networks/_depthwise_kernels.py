@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["cmfa_apply", "cmfa_describe", "dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward",
-           "mkdc_forward_grid", "plane_stats", "pointwise", "stem_pooled", "stem_pooled_cells", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
+           "mkdc_forward_grid", "pack_pair", "plane_stats", "pointwise", "stem_pooled", "stem_pooled_cells", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
            "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
@@ -1070,6 +1070,35 @@ def cmfa_apply(x_ptr, cw_ptr, a_ptr, y_ptr, C, S, G: tl.constexpr, CB: tl.conste
         off = rows[:, None] * S + p[None, :]
         v = tl.load(xb + off, mask=mm, other=0.0).to(tl.float32) * cw[:, None] * att[None, :]
         tl.store(yb + off, v.to(y_ptr.dtype.element_ty), mask=mm)
+
+
+@triton.jit(do_not_specialize=["C", "P", "D", "H", "W", "RD", "RH", "RW"])
+def pack_pair(u_ptr, s_ptr, xp_ptr, C, P, D, H, W, RD, RH, RW, BLOCK: tl.constexpr):
+    """:func:`gated_skip_sum`'s padded input in one pass: plane ``((n·G + g)·2 + t)·P + j`` of ``xp`` is channel
+    ``g·P + j`` of u (t = 0) or s (t = 1), zero-padded by (RD, RH, RW) (program 0: voxel block of the padded plane,
+    1: the plane); every voxel of xp written once (no zero fill before)."""
+    q = tl.program_id(1)
+    j = q % P
+    t = (q // P) % 2
+    ng = q // (2 * P)
+    G = C // P
+    c = (ng % G) * P + j
+    n = ng // G
+    Hp = H + 2 * RH
+    Wp = W + 2 * RW
+    total = (D + 2 * RD) * Hp * Wp
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < total
+    z = o // (Hp * Wp) - RD
+    y = (o // Wp) % Hp - RH
+    x = o % Wp - RW
+    inside = m & (z >= 0) & (z < D) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    src = (n * C + c).to(tl.int64) * D * H * W + (z * H + y) * W + x
+    if t == 0:
+        v = tl.load(u_ptr + src, mask=inside, other=0.0)
+    else:
+        v = tl.load(s_ptr + src, mask=inside, other=0.0)
+    tl.store(xp_ptr + q.to(tl.int64) * total + o, v.to(xp_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["S"])
