@@ -3,6 +3,7 @@ as one kernel, the last upsampling + ReLU + head as one kernel and 2× max-pooli
 in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -521,12 +522,14 @@ def test_pooled_stem_leaves_what_it_does_not_compute(monkeypatch):
     (3, (8, 8, 8), 16, 7),  # the network's 7³ spatial conv; two voxel blocks
     (3, (3, 3, 3), 48, 3),  # the bottleneck's size, three channel steps (hidden 3)
     (2, (9, 11), 40, 7),  # 2D
+    (3, (4, 8, 34), 4, 3),  # 1088 voxels: two plane_stats chunks of 1024, the second part-full
 ])
 def test_cmfa_kernels_are_the_plain_attention(dims, size, channels, kernel, monkeypatch):
     """An eval-mode CMFA with ``triton`` and autograd off runs as plane_stats, cmfa_describe, the depth-wise kernel
     and cmfa_apply, and computes SA(CA(x)) (Eqs. 3-4)."""
     from ul3d.networks.blocks import CMFA
 
+    monkeypatch.setattr(dw, "CMFA_STATS_CHUNK", 1024)
     torch.manual_seed(0)
     ref = CMFA(dims, channels, spatial_kernel=kernel).to(DEVICE).eval()
     with torch.no_grad():
@@ -544,6 +547,12 @@ def test_cmfa_kernels_are_the_plain_attention(dims, size, channels, kernel, monk
         x[1, 3, 0] = float("nan")  # a NaN: the max-pool and the channel maximum propagate it, as the modules do
         nan_a, nan_b = ref(x), fast(x)
     assert calls_one == ["plane_stats", "cmfa_describe", "cmfa_apply"]
+    plane_stats = dw._kernels().plane_stats
+    chunks = []
+    monkeypatch.setattr(dw._kernels(), "plane_stats", _Recording(plane_stats, chunks))
+    with torch.no_grad():
+        fast(x)
+    assert chunks == [(-(-math.prod(size) // 1024), 2 * channels)]  # (chunks, planes)
     assert b.shape == a.shape and b.dtype == a.dtype
     assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
     assert torch.equal(nan_a.isnan(), nan_b.isnan()) and nan_a.isnan().any()

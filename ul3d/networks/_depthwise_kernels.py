@@ -979,39 +979,48 @@ def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
-@triton.jit(do_not_specialize=["S"])
-def plane_stats(x_ptr, sum_ptr, max_ptr, S, BLOCK: tl.constexpr):
-    """Per plane ``nc`` (program 0): the sum and the maximum (NaN propagating) of its S voxels, float32: Eq. 3's AAP
-    and AMP in one read of x."""
-    nc = tl.program_id(0).to(tl.int64)
+@triton.jit(do_not_specialize=["S", "CH", "NCH"])
+def plane_stats(x_ptr, sum_ptr, max_ptr, S, CH, NCH, BLOCK: tl.constexpr):
+    """Per plane ``nc`` (program 1) and chunk ``k`` of CH voxels (program 0): the sum and the maximum (NaN
+    propagating) of its voxels, float32, at ``nc·NCH + k``: Eq. 3's AAP and AMP in one read of x, reduced over the
+    NCH chunks by :func:`_channel_hidden`."""
+    k = tl.program_id(0)
+    nc = tl.program_id(1).to(tl.int64)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-    for start in range(0, S, BLOCK):
+    end = tl.minimum(k * CH + CH, S)
+    for start in range(k * CH, end, BLOCK):
         o = start + tl.arange(0, BLOCK)
-        m = o < S
+        m = o < end
         v = tl.load(x_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32)
         acc += v
         best = _max_nan(best, tl.where(m, v, float("-inf")))
-    tl.store(sum_ptr + nc, tl.sum(acc, axis=0))
-    tl.store(max_ptr + nc, tl.reduce(best, 0, _max_nan))
+    tl.store(sum_ptr + nc * NCH + k, tl.sum(acc, axis=0))
+    tl.store(max_ptr + nc * NCH + k, tl.reduce(best, 0, _max_nan))
 
 
 @triton.jit
-def _channel_hidden(sum_ptr, max_ptr, w1_ptr, n, C, HID, S, CP: tl.constexpr, HP: tl.constexpr):
-    """Eq. 3's shared MLP up to its second conv, for sample n: ``ReLU(W1·AAP(x)) + ReLU(W1·AMP(x))`` (HP,) (the
-    second, linear conv is applied once to the sum; ReLU keeps NaN, as PyTorch's)."""
+def _channel_hidden(sum_ptr, max_ptr, w1_ptr, n, C, HID, S, NCH, CP: tl.constexpr, HP: tl.constexpr,
+                    NP: tl.constexpr):
+    """Eq. 3's shared MLP up to its second conv, for sample n: ``ReLU(W1·AAP(x)) + ReLU(W1·AMP(x))`` (HP,) from the
+    NCH chunk sums and maxima of :func:`plane_stats` (the second, linear conv is applied once to the sum; ReLU keeps
+    NaN, as PyTorch's)."""
     cc = tl.arange(0, CP)
     hh = tl.arange(0, HP)
+    kk = tl.arange(0, NP)
     cm = cc < C
     w1 = tl.load(w1_ptr + hh[:, None] * C + cc[None, :], mask=(hh < HID)[:, None] & cm[None, :], other=0.0)
-    avg = tl.load(sum_ptr + n * C + cc, mask=cm, other=0.0) / S
-    mx = tl.load(max_ptr + n * C + cc, mask=cm, other=0.0)
+    parts = (n * C + cc)[:, None] * NCH + kk[None, :]
+    pm = cm[:, None] & (kk < NCH)[None, :]
+    avg = tl.sum(tl.load(sum_ptr + parts, mask=pm, other=0.0), axis=1) / S
+    mx = tl.reduce(tl.load(max_ptr + parts, mask=pm, other=float("-inf")), 1, _max_nan)
+    mx = tl.where(cm, mx, 0.0)
     return _max_nan(tl.sum(w1 * avg[None, :], axis=1), 0.0) + _max_nan(tl.sum(w1 * mx[None, :], axis=1), 0.0)
 
 
-@triton.jit(do_not_specialize=["C", "HID", "S", "H", "W", "PD", "PH", "PW"])
-def cmfa_describe(x_ptr, sum_ptr, max_ptr, w1_ptr, w2_ptr, cw_ptr, desc_ptr, C, HID, S, H, W, PD, PH, PW,
-                  CP: tl.constexpr, HP: tl.constexpr, CB: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["C", "HID", "S", "H", "W", "PD", "PH", "PW", "NCH"])
+def cmfa_describe(x_ptr, sum_ptr, max_ptr, w1_ptr, w2_ptr, cw_ptr, desc_ptr, C, HID, S, H, W, PD, PH, PW, NCH,
+                  CP: tl.constexpr, HP: tl.constexpr, NP: tl.constexpr, CB: tl.constexpr, BLOCK: tl.constexpr):
     """CMFA's channel attention and the spatial attention's descriptor in one pass over x (program 0: voxel block,
     1: sample n): the weights ``cw = σ(W2·(ReLU(W1·AAP) + ReLU(W1·AMP)))`` (Eq. 3, written by each sample's first
     program) and, over the channels of ``x·cw``, the maximum and the mean (Eq. 4's descriptor) written into the
@@ -1019,7 +1028,7 @@ def cmfa_describe(x_ptr, sum_ptr, max_ptr, w1_ptr, w2_ptr, cw_ptr, desc_ptr, C, 
     time."""
     pid = tl.program_id(0)
     n = tl.program_id(1)
-    hsum = _channel_hidden(sum_ptr, max_ptr, w1_ptr, n, C, HID, S, CP, HP)
+    hsum = _channel_hidden(sum_ptr, max_ptr, w1_ptr, n, C, HID, S, NCH, CP, HP, NP)
     hh = tl.arange(0, HP)
     p = pid * BLOCK + tl.arange(0, BLOCK)
     m = p < S
@@ -1073,32 +1082,33 @@ def cmfa_apply(x_ptr, cw_ptr, a_ptr, y_ptr, C, S, G: tl.constexpr, CB: tl.conste
 
 
 @triton.jit(do_not_specialize=["C", "P", "D", "H", "W", "RD", "RH", "RW"])
-def pack_pair(u_ptr, s_ptr, xp_ptr, C, P, D, H, W, RD, RH, RW, BLOCK: tl.constexpr):
+def pack_pair(u_ptr, s_ptr, xp_ptr, C, P, D, H, W, RD, RH, RW, ROWS: tl.constexpr, BW: tl.constexpr):
     """:func:`gated_skip_sum`'s padded input in one pass: plane ``((n·G + g)·2 + t)·P + j`` of ``xp`` is channel
-    ``g·P + j`` of u (t = 0) or s (t = 1), zero-padded by (RD, RH, RW) (program 0: voxel block of the padded plane,
+    ``g·P + j`` of u (t = 0) or s (t = 1), zero-padded by (RD, RH, RW) (program 0: ROWS padded rows of BW ≥ its width,
     1: the plane); every voxel of xp written once (no zero fill before)."""
     q = tl.program_id(1)
     j = q % P
     t = (q // P) % 2
     ng = q // (2 * P)
     G = C // P
-    c = (ng % G) * P + j
     n = ng // G
+    c = (ng % G) * P + j
     Hp = H + 2 * RH
     Wp = W + 2 * RW
-    total = (D + 2 * RD) * Hp * Wp
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = o < total
-    z = o // (Hp * Wp) - RD
-    y = (o // Wp) % Hp - RH
-    x = o % Wp - RW
-    inside = m & (z >= 0) & (z < D) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-    src = (n * C + c).to(tl.int64) * D * H * W + (z * H + y) * W + x
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # padded rows (depth · Hp + height)
+    xo = tl.arange(0, BW)
+    z = r // Hp - RD
+    y = r % Hp - RH
+    x = xo - RW
+    m = (r < (D + 2 * RD) * Hp)[:, None] & (xo < Wp)[None, :]
+    inside = m & ((z >= 0) & (z < D) & (y >= 0) & (y < H))[:, None] & ((x >= 0) & (x < W))[None, :]
+    src = (n * C + c).to(tl.int64) * D * H * W + ((z * H + y) * W)[:, None] + x[None, :]
     if t == 0:
         v = tl.load(u_ptr + src, mask=inside, other=0.0)
     else:
         v = tl.load(s_ptr + src, mask=inside, other=0.0)
-    tl.store(xp_ptr + q.to(tl.int64) * total + o, v.to(xp_ptr.dtype.element_ty), mask=m)
+    dst = q.to(tl.int64) * (D + 2 * RD) * Hp * Wp + (r * Wp)[:, None] + xo[None, :]
+    tl.store(xp_ptr + dst, v.to(xp_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["S"])

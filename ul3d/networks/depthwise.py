@@ -611,8 +611,10 @@ def gated_skip_sum(u: torch.Tensor, s: torch.Tensor, packed: tuple) -> torch.Ten
     kd, kh, kw = k
     xp = torch.empty((n, groups, 2, p, d + kd - 1, h + kh - 1, wd + kw - 1), device=u.device, dtype=dtype)
     u, s = u.to(dtype).contiguous(), s.to(dtype).contiguous()
-    _kernels().pack_pair[(-(-xp[0, 0, 0, 0].numel() // 1024), n * 2 * c)](
-        u, s, xp, c, p, d, h, wd, kd // 2, kh // 2, kw // 2, BLOCK=1024, num_warps=4)
+    bw = max(_pow2(wd + kw - 1), 16)
+    rows = max(1, 1024 // bw)
+    _kernels().pack_pair[(-(-((d + kd - 1) * (h + kh - 1)) // rows), n * 2 * c)](
+        u, s, xp, c, p, d, h, wd, kd // 2, kh // 2, kw // 2, ROWS=rows, BW=bw, num_warps=4)
     gate = torch.empty((n, groups, d, h, wd), device=u.device, dtype=dtype)
     _launch_grid(grid, xp, w, b3, gate, 1, _branch_bounds([(0.0, float("inf"))]), _kernel_sizes(k, [k]), ipo=2 * p)
     y = torch.empty((n, c, d, h, wd), device=u.device, dtype=dtype)
@@ -626,6 +628,9 @@ def gated_skip_sum(u: torch.Tensor, s: torch.Tensor, packed: tuple) -> torch.Ten
 #: most channels and hidden channels of :func:`channel_spatial_attention`'s kernels, their channels per step and
 #: voxels per program, and whether CMFA blocks use them (``accelerate(triton=True)``, autograd off; not yet timed)
 CMFA_MAX_CHANNELS, CMFA_MAX_HIDDEN, CMFA_CHANNELS, CMFA_BLOCK, CMFA_KERNELS = 1024, 64, 16, 256, True
+#: voxels of one ``plane_stats`` program (at least; rounded up to whole blocks) and the most programs per plane (one
+#: program per plane took 0.17 ms for the five CMFAs of a 4 × 96³ forward on an H200: 64 programs at 48³)
+CMFA_STATS_CHUNK, CMFA_MAX_CHUNKS = 8192, 64
 
 
 def channel_spatial_attention(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, spatial: torch.Tensor,
@@ -655,18 +660,21 @@ def channel_spatial_attention(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Ten
     xc = x.to(dtype).contiguous()
     size = [int(s_) for s_ in x.shape[2:]]
     total = math.prod(size)
-    sums = torch.empty(n * c, device=x.device, dtype=torch.float32)
+    chunk = max(CMFA_STATS_CHUNK, -(-total // CMFA_MAX_CHUNKS))
+    chunk = -(-chunk // 1024) * 1024  # whole blocks of plane_stats
+    chunks = -(-total // chunk)
+    sums = torch.empty(n * c * chunks, device=x.device, dtype=torch.float32)
     maxs = torch.empty_like(sums)
-    _kernels().plane_stats[(n * c,)](xc, sums, maxs, total, BLOCK=2048, num_warps=4)
+    _kernels().plane_stats[(chunks, n * c)](xc, sums, maxs, total, chunk, chunks, BLOCK=1024, num_warps=4)
     pads = [kk // 2 for kk in k]
     desc = torch.zeros((n, 2, *(s_ + 2 * p_ for s_, p_ in zip(size, pads))), device=x.device, dtype=dtype)
     cw = torch.empty((n, c), device=x.device, dtype=torch.float32)
     _, h3, w3 = _kernel3(tuple(size))
     pd, ph, pw = (0,) * (3 - dims) + tuple(pads)
     grid = (-(-total // CMFA_BLOCK), n)
-    _kernels().cmfa_describe[grid](xc, sums, maxs, fc1, fc2, cw, desc, c, hidden, total, h3, w3, pd, ph, pw,
-                                   CP=max(_pow2(c), 2), HP=max(_pow2(hidden), 2), CB=CMFA_CHANNELS, BLOCK=CMFA_BLOCK,
-                                   num_warps=4)
+    _kernels().cmfa_describe[grid](xc, sums, maxs, fc1, fc2, cw, desc, c, hidden, total, h3, w3, pd, ph, pw, chunks,
+                                   CP=max(_pow2(c), 2), HP=max(_pow2(hidden), 2), NP=max(_pow2(chunks), 2),
+                                   CB=CMFA_CHANNELS, BLOCK=CMFA_BLOCK, num_warps=4)
     inf = float("inf")
     a = multikernel_depthwise(desc, [spatial], [None], [(-inf, inf)], padded=True, packed=packed)
     y = torch.empty_like(xc)
