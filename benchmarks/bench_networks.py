@@ -22,7 +22,7 @@ grouped convs as depth-wise convs (``accelerate(merge_pointwise=True)``); ``step
 ``train.cuda_graph`` does (training; the sliding window is the lever without it); ``half`` inference: the network's
 parameters in bfloat16 and the windows cast to it, no autocast (CUDA); ``gate`` inference: the decoder's GAG skip
 merges as ``ul3d.networks.depthwise.gated_skip_sum``'s kernels (``GATE_KERNEL``, the default; with ``triton``), ``nogate``
-without them; ``cells`` inference: the pooled stem as ``stem_pooled_cells`` (``STEM_CELLS``); ``nocmfa`` inference: the CMFA
+without them; ``nocmfa`` inference: the CMFA
 blocks as their modules, not ``channel_spatial_attention``'s kernels (``CMFA_KERNELS``); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
 network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
@@ -66,8 +66,8 @@ UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cu
                "stepgraph", "compile+stepgraph", "foldbn+graph+half"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
           "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget", "merge",
-          "stepgraph", "half", "gate", "nogate", "cells", "nocmfa"}
-INFERENCE_ONLY = {"ort", "graph", "half", "gate", "nogate", "cells", "nocmfa"}  # levers with no training row
+          "stepgraph", "half", "gate", "nogate", "nocmfa"}
+INFERENCE_ONLY = {"ort", "graph", "half", "gate", "nogate", "nocmfa"}  # levers with no training row
 MEMORY_BUDGET = 0.5  # ``membudget``: torch._functorch.config.activation_memory_budget
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
              ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
@@ -301,17 +301,16 @@ def _padded(net, batch: int):
 @contextlib.contextmanager
 def _kernel_switches(toks: set[str]):
     """``ul3d.networks.depthwise.GATE_KERNEL`` on for the ``gate`` lever (the default), off for ``nogate``;
-    ``STEM_CELLS`` on for ``cells``; ``CMFA_KERNELS`` off for ``nocmfa``; all restored afterwards."""
+    ``CMFA_KERNELS`` off for ``nocmfa``; both restored afterwards."""
     from ul3d.networks import depthwise as dwmod
 
-    saved = dwmod.GATE_KERNEL, dwmod.STEM_CELLS, dwmod.CMFA_KERNELS
+    saved = dwmod.GATE_KERNEL, dwmod.CMFA_KERNELS
     dwmod.GATE_KERNEL = "gate" in toks or (saved[0] and "nogate" not in toks)
-    dwmod.STEM_CELLS = saved[1] or "cells" in toks
-    dwmod.CMFA_KERNELS = saved[2] and "nocmfa" not in toks
+    dwmod.CMFA_KERNELS = saved[1] and "nocmfa" not in toks
     try:
         yield
     finally:
-        dwmod.GATE_KERNEL, dwmod.STEM_CELLS, dwmod.CMFA_KERNELS = saved
+        dwmod.GATE_KERNEL, dwmod.CMFA_KERNELS = saved
 
 
 @torch.no_grad()

@@ -465,33 +465,29 @@ def test_network_with_the_gate_kernel_is_the_same_function(monkeypatch):
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 
-@pytest.mark.parametrize("cin,out,shape,kernels,fold,kernel", [
-    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, "cells"),  # the network's first stage (base), one program
-    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, "skip"),  # stem_pooled, out-of-window taps skipped
-    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, "zeros"),  # ... as weights of 0
-    (1, 4, (2, 2, 4, 6), (1, 3, 5), False, "cells"),  # BatchNorm folded on the fly, two samples
-    (1, 4, (1, 4, 18, 34), (1, 3, 5), True, "cells"),  # 2 × 3 pooled tiles, the last ones part-full
-    (2, 8, (1, 4, 4, 8), (3, 5), True, "cells"),  # a two-channel image (prostate): 4 hidden, two branches
-    (2, 8, (1, 4, 4, 8), (3, 5), True, "skip"),
+@pytest.mark.parametrize("cin,out,shape,kernels,fold,skip", [
+    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, True),  # the network's first stage (base), one program
+    (1, 16, (1, 2, 6, 20), (1, 3, 5), True, False),  # ... with the out-of-window taps as weights of 0
+    (1, 4, (2, 2, 4, 6), (1, 3, 5), False, True),  # BatchNorm folded on the fly, two samples
+    (1, 4, (1, 4, 18, 34), (1, 3, 5), True, True),  # 2 × 3 pooled tiles, the last ones part-full
+    (2, 8, (1, 4, 4, 8), (3, 5), True, True),  # a two-channel image (prostate): 4 hidden, two branches
 ])
-def test_pooled_stem_is_the_plain_stage(cin, out, shape, kernels, fold, kernel, monkeypatch):
+def test_pooled_stem_is_the_plain_stage(cin, out, shape, kernels, fold, skip, monkeypatch):
     """An eval-mode MKIR on a few-channel image followed by 2× max-pooling, with autograd off, runs as one kernel
-    (pooled_stem: stem_pooled_cells, or stem_pooled whether the narrower branches skip their out-of-window taps or
-    not) and computes pool(block(x))."""
+    (pooled_stem's stem_pooled) and computes pool(block(x)), whether the narrower branches skip their out-of-window
+    taps or not."""
     torch.manual_seed(0)
-    monkeypatch.setattr(dw, "STEM_CELLS", kernel == "cells")
-    monkeypatch.setattr(dw, "STEM_SKIP", kernel == "skip")
+    monkeypatch.setattr(dw, "STEM_SKIP", skip)
     ref = _randomise_batchnorm(MKIR(3, cin, out, kernels=kernels)).to(DEVICE).eval()
     fast = fold_batchnorm(ref) if fold else copy.deepcopy(ref)
     pool = nn.MaxPool3d(2, ceil_mode=True)
     calls = []
     k = dw._kernels()
-    for name in ("stem_pooled", "stem_pooled_cells"):
-        monkeypatch.setattr(k, name, _Recording(getattr(k, name), calls, name))
+    monkeypatch.setattr(k, "stem_pooled", _Recording(k.stem_pooled, calls, "stem_pooled"))
     x = torch.randn(shape[0], cin, *shape[1:], device=DEVICE) * 2
     with torch.no_grad():
         a, b = pool(ref(x)), fast.forward_pooled(x, pool, triton=True)
-    assert calls == ["stem_pooled_cells" if kernel == "cells" else "stem_pooled"] and b.shape == a.shape
+    assert calls == ["stem_pooled"] and b.shape == a.shape
     assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
 
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["cmfa_apply", "cmfa_describe", "dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward",
-           "mkdc_forward_grid", "pack_pair", "plane_stats", "pointwise", "stem_pooled", "stem_pooled_cells", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
+           "mkdc_forward_grid", "pack_pair", "plane_stats", "pointwise", "stem_pooled", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
            "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
@@ -852,125 +852,6 @@ def stem_pooled(xp_ptr, we_ptr, be_ptr, wb_ptr, bb_ptr, wo_ptr, bo_ptr, y_ptr, D
         pooled = tl.max(tl.reshape(v, (8, P)), axis=0)
         tl.store(yb + o * PD * PH * PW, pooled.to(y_ptr.dtype.element_ty), mask=out_mask)
 
-
-
-@triton.jit
-def _cells_branch(a, e, wc_ptr, uz, uy, ux: tl.constexpr, sub, R: tl.constexpr, K: tl.constexpr, U: tl.constexpr):
-    """``a[s] += wc[uz, uy, ux, s]·e`` for the 8 sub-voxels s of each pooled voxel, where the union tap (uz, uy, ux)
-    lies within reach of a K³ branch window from some sub-voxel (along W decided at compile time, along D and H by a
-    uniform branch); ``wc``: the branch's (U, U, U, 8) table of one hidden channel (0 where s does not see the tap)."""
-    if (ux >= R - K // 2) & (ux <= R + K // 2 + 1) & (K > 0):
-        if (uz >= R - K // 2) & (uz <= R + K // 2 + 1) & (uy >= R - K // 2) & (uy <= R + K // 2 + 1):
-            w = tl.load(wc_ptr + ((uz * U + uy) * U + ux) * 8 + sub)
-            a += w[:, None] * e[None, :]
-    return a
-
-
-@triton.jit
-def _cells_tap(a0, a1, a2, x0, x1, valid, we_ptr, be_ptr, wc_ptr, lo_e, hi_e, j: tl.constexpr, uz, uy,
-               ux: tl.constexpr, sub, CIN: tl.constexpr, HC: tl.constexpr, R: tl.constexpr, U: tl.constexpr,
-               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
-    """Hidden channel ``j``'s expanded activation at union tap (uz, uy, ux), ``clamp(we[j]·x + be[j])`` (0 outside the
-    volume), computed once and accumulated into each branch's 8 sub-voxel sums (``wc``: (3, HC, U³, 8))."""
-    if j < HC:
-        e = tl.load(we_ptr + j * CIN) * x0 + tl.load(be_ptr + j)
-        if CIN > 1:
-            e += tl.load(we_ptr + j * CIN + 1) * x1
-        e = tl.where(valid, tl.minimum(tl.maximum(e, lo_e), hi_e), 0.0)
-        T: tl.constexpr = U * U * U * 8
-        a0 = _cells_branch(a0, e, wc_ptr + j * T, uz, uy, ux, sub, R, K0, U)
-        a1 = _cells_branch(a1, e, wc_ptr + (HC + j) * T, uz, uy, ux, sub, R, K1, U)
-        a2 = _cells_branch(a2, e, wc_ptr + (2 * HC + j) * T, uz, uy, ux, sub, R, K2, U)
-    return a0, a1, a2
-
-
-@triton.jit
-def _sub_voxel_values(xs, inside, Hp, Wp, R: tl.constexpr):
-    """(8, P): the input at the 8 sub-voxels of each pooled voxel (union tap s + R), one (P,) load per sub-voxel put
-    into its row (rows held by one thread, as the accumulators: no layout conversion)."""
-    sub = tl.arange(0, 8)[:, None]
-    out = tl.zeros((8, xs.shape[0]), dtype=tl.float32)
-    for s in tl.static_range(8):
-        v = tl.load(xs + (s // 4 + R) * Hp * Wp + ((s // 2) % 2 + R) * Wp + s % 2 + R, mask=inside, other=0.0)
-        out = tl.where(sub == s, v.to(tl.float32)[None, :], out)
-    return out
-
-
-@triton.jit(do_not_specialize=["D", "H", "W", "PH", "PW", "TH", "TW", "lo_e", "hi_e", "lo0", "hi0", "lo1", "hi1",
-                               "lo2", "hi2"])
-def stem_pooled_cells(xp_ptr, we_ptr, be_ptr, wc_ptr, bb_ptr, wo_ptr, bo_ptr, y_ptr, D, H, W, PH, PW, TH, TW,
-                      lo_e, hi_e, lo0, hi0, lo1, hi1, lo2, hi2,
-                      CIN: tl.constexpr, HC: tl.constexpr, OC: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr,
-                      K2: tl.constexpr, M: tl.constexpr, PBH: tl.constexpr, PBW: tl.constexpr):
-    """:func:`stem_pooled` with each expanded value computed once per pooled voxel: a program's thread holds one
-    pooled voxel and its 8 full-resolution sub-voxels (tensors (8, P)); the (M+1)³ union of their M³ windows is read
-    tap by tap, each tap's HC expanded values computed once and added to every sub-voxel that sees the tap with its
-    weight from ``wc`` (3, HC, (M+1)³, 8) (0 where it does not: one 8-vector multiply-add per tap, branch and hidden
-    channel; taps out of a narrower branch's reach skipped). For M = 5 and HC = 2: 216 expanded values and 4608
-    multiply-adds per pooled voxel, against 1000 expansions and 2448 multiply-adds in :func:`stem_pooled`."""
-    tile = tl.program_id(0)
-    n = tl.program_id(1)
-    tw = tile % TW
-    th = (tile // TW) % TH
-    pz = tile // (TW * TH)
-    P: tl.constexpr = PBH * PBW
-    R: tl.constexpr = M // 2
-    U: tl.constexpr = M + 1
-    p = tl.arange(0, P)
-    py = th * PBH + p // PBW
-    px = tw * PBW + p % PBW
-    inside = (py < PH) & (px < PW)
-    sub = tl.arange(0, 8)
-    Hp = H + 2 * R
-    Wp = W + 2 * R
-    plane = (D + 2 * R) * Hp * Wp
-    xs = xp_ptr + (n * CIN).to(tl.int64) * plane + (2 * pz) * Hp * Wp + (2 * py) * Wp + 2 * px  # union tap (0, 0, 0)
-    zero = tl.zeros((8, P), dtype=tl.float32)
-    a00, a01, a02, a03 = zero, zero, zero, zero  # branch 0, hidden channels 0-3
-    a10, a11, a12, a13 = zero, zero, zero, zero
-    a20, a21, a22, a23 = zero, zero, zero, zero
-    for uz in range(U):
-        vz = (2 * pz + uz - R >= 0) & (2 * pz + uz - R < D)
-        for uy in range(U):
-            vzy = vz & (2 * py + uy - R >= 0) & (2 * py + uy - R < H)
-            for ux in tl.static_range(U):
-                valid = vzy & (2 * px + ux - R >= 0) & (2 * px + ux - R < W)
-                off = uz * Hp * Wp + uy * Wp + ux
-                x0 = tl.load(xs + off, mask=inside, other=0.0).to(tl.float32)
-                x1 = x0
-                if CIN > 1:
-                    x1 = tl.load(xs + plane + off, mask=inside, other=0.0).to(tl.float32)
-                a00, a10, a20 = _cells_tap(a00, a10, a20, x0, x1, valid, we_ptr, be_ptr, wc_ptr, lo_e, hi_e, 0, uz,
-                                           uy, ux, sub, CIN, HC, R, U, K0, K1, K2)
-                a01, a11, a21 = _cells_tap(a01, a11, a21, x0, x1, valid, we_ptr, be_ptr, wc_ptr, lo_e, hi_e, 1, uz,
-                                           uy, ux, sub, CIN, HC, R, U, K0, K1, K2)
-                a02, a12, a22 = _cells_tap(a02, a12, a22, x0, x1, valid, we_ptr, be_ptr, wc_ptr, lo_e, hi_e, 2, uz,
-                                           uy, ux, sub, CIN, HC, R, U, K0, K1, K2)
-                a03, a13, a23 = _cells_tap(a03, a13, a23, x0, x1, valid, we_ptr, be_ptr, wc_ptr, lo_e, hi_e, 3, uz,
-                                           uy, ux, sub, CIN, HC, R, U, K0, K1, K2)
-    h0 = _stem_hidden(a00, a10, a20, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, 0, HC, K1, K2)
-    h1 = _stem_hidden(a01, a11, a21, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, 1, HC, K1, K2)
-    h2 = _stem_hidden(a02, a12, a22, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, 2, HC, K1, K2)
-    h3 = _stem_hidden(a03, a13, a23, bb_ptr, lo0, hi0, lo1, hi1, lo2, hi2, 3, HC, K1, K2)
-    c0 = _sub_voxel_values(xs, inside, Hp, Wp, R)  # the shortcut: x at each sub-voxel
-    c1 = c0
-    if CIN > 1:
-        c1 = _sub_voxel_values(xs + plane, inside, Hp, Wp, R)
-    PD = D // 2
-    yb = y_ptr + (n * OC).to(tl.int64) * PD * PH * PW + pz * PH * PW + py * PW + px
-    NW: tl.constexpr = HC + CIN
-    for o in tl.static_range(OC):
-        v = tl.load(bo_ptr + o) + tl.load(wo_ptr + o * NW) * h0
-        if HC > 1:
-            v += tl.load(wo_ptr + o * NW + 1) * h1
-        if HC > 2:
-            v += tl.load(wo_ptr + o * NW + 2) * h2
-        if HC > 3:
-            v += tl.load(wo_ptr + o * NW + 3) * h3
-        v += tl.load(wo_ptr + o * NW + HC) * c0
-        if CIN > 1:
-            v += tl.load(wo_ptr + o * NW + HC + 1) * c1
-        tl.store(yb + o * PD * PH * PW, tl.max(v, axis=0).to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit

@@ -689,10 +689,6 @@ STEM_MAX_INPUTS, STEM_MAX_HIDDEN = 2, 4
 STEM_TILE, STEM_WARPS = (8, 16), 4
 #: skip the narrower MKDC branches' taps outside their windows by a uniform branch (False: weights of 0, the old code)
 STEM_SKIP = True
-#: whether :func:`pooled_stem` runs ``stem_pooled_cells`` (each expanded value computed once per pooled voxel) or
-#: ``stem_pooled`` (recomputed at every tap of every voxel), and the cells kernel's pooled tile and warps (H200, base,
-#: 4 × 96³: 0.438 ms against stem_pooled's 0.399 at one pooled voxel per thread, ``stem_cuda_h200_2026-12-03.json``)
-STEM_CELLS, STEM_CELLS_TILE, STEM_CELLS_WARPS = False, (8, 16), 4
 
 
 def stem_unsupported(x: torch.Tensor, expand_weight: torch.Tensor, weights: list[torch.Tensor],
@@ -755,34 +751,17 @@ def pooled_stem(x: torch.Tensor, expand: tuple[torch.Tensor, torch.Tensor | None
     n, _, d, h, w = x.shape
     oc = out_weight.shape[0]
     ph, pw = h // 2, w // 2
-    bh, bw = STEM_CELLS_TILE if STEM_CELLS else STEM_TILE
+    bh, bw = STEM_TILE
     th, tw = -(-ph // bh), -(-pw // bw)
     y = torch.empty((n, oc, d // 2, ph, pw), device=x.device, dtype=dtype)
     bo = out_bias.float().contiguous() if out_bias is not None else torch.zeros(oc, device=x.device)
-    args = (_padded(x, (m, m, m)), we.reshape(hidden, cin).float().contiguous(),
-            be.float().contiguous() if be is not None else zero)
-    rest = (bb, out_weight.float().contiguous(), bo, y, d, h, w, ph, pw, th, tw, float(lo_e), float(hi_e), *lohi)
-    if STEM_CELLS:
-        _kernels().stem_pooled_cells[((d // 2) * th * tw, n)](
-            *args, _sub_voxel_taps(wb), *rest, CIN=cin, HC=hidden, OC=oc, K0=ks[0], K1=ks[1], K2=ks[2], M=m,
-            PBH=bh, PBW=bw, num_warps=STEM_CELLS_WARPS)
-    else:
-        _kernels().stem_pooled[((d // 2) * th * tw, n)](
-            *args, wb.reshape(MAX_BRANCHES, hidden, taps), *rest, CIN=cin, HC=hidden, OC=oc, K0=ks[0], K1=ks[1],
-            K2=ks[2], M=m, PBH=bh, PBW=bw, SKIP=STEM_SKIP, num_warps=STEM_WARPS)
+    _kernels().stem_pooled[((d // 2) * th * tw, n)](
+        _padded(x, (m, m, m)), we.reshape(hidden, cin).float().contiguous(),
+        be.float().contiguous() if be is not None else zero, wb.reshape(MAX_BRANCHES, hidden, taps), bb,
+        out_weight.float().contiguous(), bo, y, d, h, w, ph, pw, th, tw, float(lo_e), float(hi_e), *lohi,
+        CIN=cin, HC=hidden, OC=oc, K0=ks[0], K1=ks[1], K2=ks[2], M=m, PBH=bh, PBW=bw, SKIP=STEM_SKIP,
+        num_warps=STEM_WARPS)
     return y
-
-
-def _sub_voxel_taps(wb: torch.Tensor) -> torch.Tensor:
-    """``stem_pooled_cells``' weights: for taps ``wb`` (branches, HC, M, M, M), the table (branches, HC, U, U, U, 8)
-    with U = M + 1 of each union tap's weight for each sub-voxel ``s = (sz, sy, sx)`` of a 2×2×2 block (index
-    4·sz + 2·sy + sx): ``wb[..., u - s]``, 0 where ``u - s`` lies outside the window."""
-    m = wb.shape[-1]
-    wc = wb.new_zeros(*wb.shape[:2], m + 1, m + 1, m + 1, 8)
-    for s in range(8):
-        sz, sy, sx = s // 4, (s // 2) % 2, s % 2
-        wc[:, :, sz:sz + m, sy:sy + m, sx:sx + m, s] = wb
-    return wc
 
 
 def linear_upsample(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: list[int],
