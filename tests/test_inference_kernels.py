@@ -625,6 +625,15 @@ def test_doubling_upsamplings_run_the_cell_kernels(shape, monkeypatch):
             assert got.dtype == x.dtype and got.shape == y.shape and got_head.shape == ref_head.shape
             assert (got - y).abs().max() <= 1e-6 * max(1.0, y.abs().max().item())
             assert (got_head - ref_head).abs().max() <= 1e-5 * max(1.0, ref_head.abs().max().item())
+    nan = x.clone()
+    nan[0, 0, 0] = float("nan")  # ReLU keeps NaN, as PyTorch's (and the head spreads it over its outputs)
+    size = [2 * s for s in shape[2:]]
+    with torch.no_grad():
+        y = F.interpolate(nan, size=size, mode=mode).relu()
+        got = upsample_relu(nan, size, relu=True, triton=True)
+        got_head = upsample_relu_head(nan, size, head, relu=True, triton=True)
+    assert torch.equal(got.isnan(), y.isnan()) and y.isnan().any()
+    assert torch.equal(got_head.isnan(), head(y).isnan())
 
 
 def test_cell_kernels_refuse_what_they_do_not_compute():

@@ -529,7 +529,7 @@ def upsample_relu_pointwise(x_ptr, i0_ptr, i1_ptr, lam_ptr, wt_ptr, b_ptr, y_ptr
     for c in range(C):
         v = _linear_value(x_ptr + (n * C + c).to(tl.int64) * d * h * w, r00, r01, r10, r11, w0, w1, ld, lh, lw, m)
         if RELU:
-            v = tl.maximum(v, 0.0)
+            v = _max_nan(v, 0.0)
         wc = tl.load(wt_ptr + kk * C + c, mask=km, other=0.0)
         acc += wc[:, None] * v[None, :]
     if HAS_BIAS:
@@ -550,7 +550,7 @@ def upsample_relu(x_ptr, i0_ptr, i1_ptr, lam_ptr, y_ptr, d, h, w, D, H, W, RELU:
     r00, r01, r10, r11, w0, w1, ld, lh, lw = _linear_sources(i0_ptr, i1_ptr, lam_ptr, p, m, h, w, D, H, W)
     v = _linear_value(x_ptr + nc * d * h * w, r00, r01, r10, r11, w0, w1, ld, lh, lw, m)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = _max_nan(v, 0.0)
     tl.store(y_ptr + nc * D * H * W + p, v.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -646,8 +646,8 @@ def upsample2x_relu_pointwise(x_ptr, wt_ptr, b_ptr, y_ptr, C, K, d, h, w, RELU: 
         v00, v01, v10, v11 = _cells2x(x_ptr + (n * C + c).to(tl.int64) * d * h * w, z0, z1, r0, r1, c0, c1, m, h * w,
                                       SD)
         if RELU:
-            v00, v01 = tl.maximum(v00, 0.0), tl.maximum(v01, 0.0)
-            v10, v11 = tl.maximum(v10, 0.0), tl.maximum(v11, 0.0)
+            v00, v01 = _max_nan(v00, 0.0), _max_nan(v01, 0.0)
+            v10, v11 = _max_nan(v10, 0.0), _max_nan(v11, 0.0)
         wc = tl.load(wt_ptr + kk * C + c, mask=km, other=0.0)[:, None]
         a00 += wc * v00[None, :]
         a01 += wc * v01[None, :]
@@ -677,8 +677,8 @@ def upsample2x_relu(x_ptr, y_ptr, d, h, w, RELU: tl.constexpr, SD: tl.constexpr,
     z0, z1, r0, r1, c0, c1, m, oz, oy, ox, om = _cell_geometry(tl.program_id(0), cz, d, h, w, SD, BLOCK)
     v00, v01, v10, v11 = _cells2x(x_ptr + nc * d * h * w, z0, z1, r0, r1, c0, c1, m, h * w, SD)
     if RELU:
-        v00, v01 = tl.maximum(v00, 0.0), tl.maximum(v01, 0.0)
-        v10, v11 = tl.maximum(v10, 0.0), tl.maximum(v11, 0.0)
+        v00, v01 = _max_nan(v00, 0.0), _max_nan(v01, 0.0)
+        v10, v11 = _max_nan(v10, 0.0), _max_nan(v11, 0.0)
     D = SD * d
     H = 2 * h
     W = 2 * w
