@@ -38,7 +38,8 @@ from torch import nn
 
 __all__ = ["compute_dtype", "depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act",
            "upsample_relu_pointwise", "upsample2x_relu_pointwise", "upsample2x_relu", "doubled", "gated_skip_sum",
-           "pack_gate", "channel_spatial_attention", "linear_upsample", "max_pool_2x", "max_pool_geometry", "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
+           "pack_gate", "channel_spatial_attention", "linear_upsample", "max_pool_2x", "max_pool_geometry",
+           "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
 #: widest kernel (last axis) of the Triton weight-gradient kernel; wider kernels use PyTorch's convolution
 MAX_KERNEL_W = 7
@@ -514,11 +515,11 @@ def upsample_relu_pointwise(x: torch.Tensor, tables: tuple[torch.Tensor, torch.T
     return y
 
 
-def doubled(x: torch.Tensor, size: list[int]) -> bool:
-    """True when ``size`` doubles every spatial axis of a 2D or 3D ``x``: the case of :func:`upsample2x_relu` and
-    :func:`upsample2x_relu_pointwise` (with ``align_corners=False``, which the caller checks)."""
-    return x.dim() in (4, 5) and len(size) == x.dim() - 2 and all(int(o) == 2 * int(i) for o, i in
-                                                                      zip(size, x.shape[2:]))
+def doubled(x: torch.Tensor, size: list[int], align_corners: bool = False) -> bool:
+    """True when a (bi/tri)linear upsampling of a 2D or 3D ``x`` to ``size`` doubles every spatial axis with
+    ``align_corners=False``: the case of :func:`upsample2x_relu` and :func:`upsample2x_relu_pointwise`."""
+    return not align_corners and x.dim() in (4, 5) and len(size) == x.dim() - 2 \
+        and all(int(o) == 2 * int(i) for o, i in zip(size, x.shape[2:]))
 
 
 def _cell_launch(x: torch.Tensor, planes: int) -> tuple[tuple[int, int, int], tuple[int, int, int], int, int]:
@@ -632,6 +633,7 @@ CMFA_MAX_CHANNELS, CMFA_MAX_HIDDEN, CMFA_CHANNELS, CMFA_BLOCK, CMFA_KERNELS = 10
 #: voxels of one ``plane_stats`` program (at least; rounded up to whole blocks) and the most programs per plane (one
 #: program per plane took 0.17 ms for the five CMFAs of a 4 × 96³ forward on an H200: 64 programs at 48³)
 CMFA_STATS_CHUNK, CMFA_MAX_CHUNKS = 8192, 64
+_STATS_BLOCK = 1024  # voxels of one step of a plane_stats program
 
 
 def channel_spatial_attention(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, spatial: torch.Tensor,
@@ -655,18 +657,18 @@ def channel_spatial_attention(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Ten
             or tuple(spatial.shape[:2]) != (2, 1) or any(kk % 2 == 0 for kk in k):
         raise ValueError(f"channel_spatial_attention: input {tuple(x.shape)}, fc1 {tuple(fc1.shape)}, fc2 "
                          f"{tuple(fc2.shape)} and spatial weight {tuple(spatial.shape)} are not a CMFA's")
-    if c > CMFA_MAX_CHANNELS or hidden > CMFA_MAX_HIDDEN or compute_dtype(x) not in TRITON_DTYPES:
-        return None
     dtype = compute_dtype(x)
+    if c > CMFA_MAX_CHANNELS or hidden > CMFA_MAX_HIDDEN or dtype not in TRITON_DTYPES:
+        return None
     xc = x.to(dtype).contiguous()
     size = [int(s_) for s_ in x.shape[2:]]
     total = math.prod(size)
     chunk = max(CMFA_STATS_CHUNK, -(-total // CMFA_MAX_CHUNKS))
-    chunk = -(-chunk // 1024) * 1024  # whole blocks of plane_stats
+    chunk = -(-chunk // _STATS_BLOCK) * _STATS_BLOCK  # whole blocks of plane_stats
     chunks = -(-total // chunk)
     sums = torch.empty(n * c * chunks, device=x.device, dtype=torch.float32)
     maxs = torch.empty_like(sums)
-    _kernels().plane_stats[(chunks, n * c)](xc, sums, maxs, total, chunk, chunks, BLOCK=1024, num_warps=4)
+    _kernels().plane_stats[(chunks, n * c)](xc, sums, maxs, total, chunk, chunks, BLOCK=_STATS_BLOCK, num_warps=4)
     pads = [kk // 2 for kk in k]
     desc = torch.zeros((n, 2, *(s_ + 2 * p_ for s_, p_ in zip(size, pads))), device=x.device, dtype=dtype)
     cw = torch.empty((n, c), device=x.device, dtype=torch.float32)

@@ -92,7 +92,7 @@ def upsample_relu(x: torch.Tensor, size: list[int], *, relu: bool = True, align_
     ``triton``, autograd off and Triton running, as one kernel (:func:`~ul3d.networks.depthwise.linear_upsample`)."""
     size = [int(s) for s in size]
     if triton and not torch.is_grad_enabled() and triton_available(x.device) and x.dtype in TRITON_DTYPES:
-        if not align_corners and doubled(x, size):
+        if doubled(x, size, align_corners):
             return upsample2x_relu(x, relu=relu)
         return linear_upsample(x, _tables(x, size, align_corners), size, relu=relu)
     y = F.interpolate(x, size=size, mode=_MODES.get(x.dim() - 3, "trilinear"), align_corners=align_corners)
@@ -127,7 +127,7 @@ def upsample_relu_head(x: torch.Tensor, size: list[int], head: nn.Module, *, rel
     pointwise = _pointwise_head(head)
     kernel = triton and not torch.is_grad_enabled() and triton_available(x.device) and x.dtype in TRITON_DTYPES
     if kernel and pointwise is not None and pointwise[0].shape[0] <= MAX_HEAD_CHANNELS:
-        if not align_corners and doubled(x, size):
+        if doubled(x, size, align_corners):
             return upsample2x_relu_pointwise(x, *pointwise, relu=relu)
         return upsample_relu_pointwise(x, _tables(x, size, align_corners), size, *pointwise, relu=relu)
     if pointwise is None or (triton and not kernel):  # slabs are exact only for a head that is pointwise in space
