@@ -15,6 +15,11 @@ and BatchNorm3d forward+backward in bf16/fp32, channels-first and channels_last.
 channel shuffle) on ``(4, C, S³)`` bf16: PyTorch's convs and element-wise ops, ul3d's Triton depth-wise convs with
 PyTorch's element-wise ops, and :func:`ul3d.networks.depthwise.multikernel_depthwise`'s one kernel at several
 settings (depth rows per program, tile elements per row, warps).
+
+``--wgrad`` times the depth-wise weight gradient of every depth-wise conv shape in a base UltraLightUNet3D training
+step (batch 2, 96³, bf16): ul3d's ``dw_weight_grad`` against PyTorch's (``convolution_backward``, weight only), each
+checked against float64. (A tensor-core kernel measured here on 2026-12-04 was 8× slower than ``dw_weight_grad``,
+``results/depthwise_wgrad_cuda_h200_2026-12-04.json``, and was removed.)
 """
 
 from __future__ import annotations
@@ -127,6 +132,55 @@ def bench_mkdc(a, dev: torch.device) -> None:
     _save(a.out, rows)
 
 
+def _training_dw_shapes() -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, kernel) of every depth-wise conv with a kernel wider than 1 in a base training step's forward."""
+    from ul3d.networks import build_network
+
+    net = build_network("ultralightunet", "base", spatial_dims=3, in_channels=1, out_channels=3).train()
+    seen: list = []
+
+    def hook(mod, inp, _out):
+        key = ((2,) + tuple(inp[0].shape[1:]), tuple(mod.kernel_size))
+        if mod.groups == mod.in_channels == mod.out_channels and max(key[1]) > 1 and key not in seen:
+            seen.append(key)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    with torch.no_grad():
+        net(torch.zeros(1, 1, 96, 96, 96))
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def bench_wgrad(a, dev: torch.device) -> None:
+    rows = []
+    for shape, kernel in _training_dw_shapes():
+        x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
+        g = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
+        c, pad = shape[1], tuple(k // 2 for k in kernel)
+        ref = torch.nn.grad.conv3d_weight(x.double(), (c, 1) + kernel, g.double(), padding=pad,
+                                          groups=c).reshape(c, *kernel)
+        w = torch.empty(c, 1, *kernel, device=dev, dtype=torch.bfloat16)
+        variants = {
+            "ul3d": lambda: dwmod._launch_weight_grad(x, g, kernel),
+            "pytorch": lambda: torch.ops.aten.convolution_backward(g, x, w, None, (1, 1, 1), pad, (1, 1, 1), False,
+                                                                   (0, 0, 0), c, (False, False, True))[2],
+        }
+        row = {"op": "dw weight grad", "shape": list(shape), "kernel": list(kernel)}
+        for name, fn in variants.items():
+            got = fn().double().reshape(ref.shape)
+            row[f"{name}_err"] = (got - ref).abs().max().item() / ref.abs().max().item()
+            row[f"{name}_ms"] = _time(fn)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| shape | kernel | ul3d ms | PyTorch ms | ul3d rel err | PyTorch rel err |\n|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['kernel']} | {r['ul3d_ms']:.3f} | {r['pytorch_ms']:.3f} | {r['ul3d_err']:.2g} "
+              f"| {r['pytorch_err']:.2g} |")
+    print(f"| total | | {sum(r['ul3d_ms'] for r in rows):.3f} | {sum(r['pytorch_ms'] for r in rows):.3f} | | |")
+    _save(a.out, rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--channels", type=int, nargs="+", default=[32])
@@ -134,6 +188,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--out", default=None)
     p.add_argument("--mkdc", action="store_true", help="time inference's whole MKDC instead (see above)")
+    p.add_argument("--wgrad", action="store_true", help="time the depth-wise weight-gradient kernels (see above)")
     p.add_argument("--mkdc-settings", type=lambda v: tuple(int(i) for i in v.split(",")), nargs="+",
                    default=[(4, 4, 32, 4), (4, 1, 128, 4), (4, 2, 128, 4), (4, 4, 128, 4), (4, 8, 64, 4)],
                    metavar="ROWS,BH,BW,WARPS", help="--mkdc: the kernel's settings to time (rows × BH × BW tiles)")
@@ -149,6 +204,8 @@ def main() -> None:
     rows = []
     if a.mkdc:
         return bench_mkdc(a, dev)
+    if a.wgrad:
+        return bench_wgrad(a, dev)
     for c in a.channels:
         shape = (2, c, a.size, a.size, a.size)
         for k in a.kernels:

@@ -23,7 +23,9 @@ grouped convs as depth-wise convs (``accelerate(merge_pointwise=True)``); ``step
 parameters in bfloat16 and the windows cast to it, no autocast (CUDA); ``gate`` inference: the decoder's GAG skip
 merges as ``ul3d.networks.depthwise.gated_skip_sum``'s kernels (``GATE_KERNEL``, the default; with ``triton``), ``nogate``
 without them; ``nocmfa`` inference: the CMFA
-blocks as their modules, not ``channel_spatial_attention``'s kernels (``CMFA_KERNELS``); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
+blocks as their modules, not ``channel_spatial_attention``'s kernels (``CMFA_KERNELS``); ``noup2x`` training: the
+decoder's 2× upsampling + ReLU as PyTorch's ops, not ``upsample2x_relu_trainable``'s kernels; ``satriton`` training:
+the spatial attention's 7³ conv on ul3d's Triton kernels (``SPATIAL_TRITON_TRAINING``); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
 network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
@@ -66,7 +68,7 @@ UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cu
                "stepgraph", "compile+stepgraph", "foldbn+graph+half"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
           "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget", "merge",
-          "stepgraph", "half", "gate", "nogate", "nocmfa"}
+          "stepgraph", "half", "gate", "nogate", "nocmfa", "noup2x", "satriton"}
 INFERENCE_ONLY = {"ort", "graph", "half", "gate", "nogate", "nocmfa"}  # levers with no training row
 MEMORY_BUDGET = 0.5  # ``membudget``: torch._functorch.config.activation_memory_budget
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
@@ -121,7 +123,10 @@ def make_step(net: torch.nn.Module, device: torch.device, dtype: torch.dtype | N
         if before is not None:
             before()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        # graphed: the warm-up steps under the capture's autocast settings (a compiled forward guards on them: a
+        # difference would recompile it inside the capture, which fails)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                            cache_enabled=not graphed):
             loss = loss_fn(forward(x), y)
         loss.backward()
         opt.step()
@@ -231,6 +236,11 @@ def _fmt(x: torch.Tensor, toks: set[str]) -> torch.Tensor:
 
 def lever_train(spec: str, device: torch.device, toks: set[str], iters: int) -> dict:
     """Training step (bf16 autocast on CUDA, fp32 on CPU), batch 2, AdamW + DiceCELoss."""
+    with _kernel_switches(toks):
+        return _lever_train(spec, device, toks, iters)
+
+
+def _lever_train(spec: str, device: torch.device, toks: set[str], iters: int) -> dict:
     net = _lever_net(spec, device, toks, inference=False)
     mode = _compile_mode(toks)
     cuda = device.type == "cuda"
@@ -301,16 +311,22 @@ def _padded(net, batch: int):
 @contextlib.contextmanager
 def _kernel_switches(toks: set[str]):
     """``ul3d.networks.depthwise.GATE_KERNEL`` on for the ``gate`` lever (the default), off for ``nogate``;
-    ``CMFA_KERNELS`` off for ``nocmfa``; both restored afterwards."""
+    ``CMFA_KERNELS`` off for ``nocmfa``; training: ``ul3d.networks.nets._lean.UPSAMPLE2X_TRAINING`` off for ``noup2x``,
+    ``ul3d.networks.blocks.attention.SPATIAL_TRITON_TRAINING`` on for ``satriton``; all restored afterwards."""
     from ul3d.networks import depthwise as dwmod
 
-    saved = dwmod.GATE_KERNEL, dwmod.CMFA_KERNELS
+    from ul3d.networks.blocks import attention
+    from ul3d.networks.nets import _lean
+
+    saved = dwmod.GATE_KERNEL, dwmod.CMFA_KERNELS, _lean.UPSAMPLE2X_TRAINING, attention.SPATIAL_TRITON_TRAINING
     dwmod.GATE_KERNEL = "gate" in toks or (saved[0] and "nogate" not in toks)
     dwmod.CMFA_KERNELS = saved[1] and "nocmfa" not in toks
+    _lean.UPSAMPLE2X_TRAINING = saved[2] and "noup2x" not in toks
+    attention.SPATIAL_TRITON_TRAINING = saved[3] or "satriton" in toks
     try:
         yield
     finally:
-        dwmod.GATE_KERNEL, dwmod.CMFA_KERNELS = saved
+        dwmod.GATE_KERNEL, dwmod.CMFA_KERNELS, _lean.UPSAMPLE2X_TRAINING, attention.SPATIAL_TRITON_TRAINING = saved
 
 
 @torch.no_grad()

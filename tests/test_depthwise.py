@@ -54,6 +54,27 @@ def test_depthwise_conv_matches_conv_forward_and_gradients(shape, kernel, bias):
         assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,kernel", [
+    ((2, 3, 7, 9, 20), (3, 3, 3)),  # W: one full and one partial block of 16
+    ((1, 2, 5, 6, 37), (5, 5, 5)),
+    ((2, 2, 1, 11, 19), (1, 3, 5)),  # a 2D conv as the kernels see it
+    ((1, 2, 6, 5, 8), (3, 1, 7)),  # one kernel row: KH = 1
+])
+def test_weight_gradient_kernel_matches_float64(dtype, shape, kernel):
+    """The weight-gradient kernel on bfloat16 and float32 inputs (float32 sums): within 1e-4 (relative) of float64 on
+    the same inputs."""
+    from ul3d.networks import depthwise as dwmod
+
+    x = torch.randn(*shape, device=DEVICE).to(dtype)
+    g = torch.randn(*shape, device=DEVICE).to(dtype)
+    want = torch.nn.grad.conv3d_weight(x.double(), (shape[1], 1) + kernel, g.double(), groups=shape[1],
+                                       padding=tuple(k // 2 for k in kernel)).reshape(shape[1], *kernel)
+    got = dwmod._launch_weight_grad(x, g, kernel)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
 def test_depthwise_conv_rejects_what_it_does_not_compute():
     with pytest.raises(ValueError, match="depth-wise"):
         depthwise_conv(torch.randn(1, 3, 4, 4), torch.randn(3, 1, 2, 2))  # even kernel
@@ -162,9 +183,14 @@ def test_triton_gag_is_the_same_function(dims, channels, groups, train, no_tf32)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_triton_spatial_attention_is_the_same_function(dims, no_tf32, monkeypatch):
-    """The spatial attention's 2 -> 1, 7^d conv as PyTorch's depth-wise conv plus a channel sum: output and gradients."""
+@pytest.mark.parametrize("train_triton", [False, True])
+def test_triton_spatial_attention_is_the_same_function(dims, train_triton, no_tf32, monkeypatch):
+    """The spatial attention's 2 -> 1, 7^d conv as a depth-wise conv plus a channel sum: output and gradients; in
+    training PyTorch's depth-wise conv, or ul3d's kernels with ``SPATIAL_TRITON_TRAINING``."""
     from ul3d.networks.blocks import SpatialAttention
+    from ul3d.networks.blocks import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "SPATIAL_TRITON_TRAINING", train_triton)
 
     ref = SpatialAttention(dims).to(DEVICE)
     fast = accelerate(copy.deepcopy(ref), triton=True)
@@ -175,16 +201,18 @@ def test_triton_spatial_attention_is_the_same_function(dims, no_tf32, monkeypatc
     monkeypatch.setattr(attention, "one_per_group_conv", lambda *a, **k: calls.append(1) or conv(*a, **k))
     x = torch.randn((2, 4) + (7,) * dims, device=DEVICE)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    from ul3d.networks import depthwise
+
+    ops, op = [], depthwise._depthwise_op
+    monkeypatch.setattr(depthwise, "_depthwise_op", lambda *a: ops.append(1) or op(*a))
     a, b = ref(x1), fast(x2)
-    assert calls == [1]
+    assert calls == [1] and len(ops) == int(train_triton)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     a.square().sum().backward()
     b.square().sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.conv.weight.grad, ref.conv.weight.grad, rtol=1e-4, atol=1e-4)
     # autograd off: ul3d's forward kernel (its depth taps a loop for 7³), the same function
-    from ul3d.networks import depthwise
-
     launched, launch = [], depthwise._launch_forward
     monkeypatch.setattr(depthwise, "_launch_forward", lambda *a, **k: launched.append(1) or launch(*a, **k))
     with torch.no_grad():

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["cmfa_apply", "cmfa_describe", "dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward",
-           "mkdc_forward_grid", "pack_pair", "plane_stats", "pointwise", "stem_pooled", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
+           "mkdc_forward_grid", "pack_pair", "plane_stats", "pointwise", "stem_pooled", "upsample2x_backward", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
            "upsample_relu_pointwise"]
 
 _INTS = ["C", "D", "H", "W", "TH", "TW", "NC"]  # not specialised on their values: fewer compiled variants
@@ -688,6 +688,63 @@ def upsample2x_relu(x_ptr, y_ptr, d, h, w, RELU: tl.constexpr, SD: tl.constexpr,
     if SD == 2:
         _store2x(out, v10, oz, oy, ox, om, 1, 0, D, H, W, True, False)
         _store2x(out, v11, oz, oy, ox, om, 1, 1, D, H, W, True, False)
+
+
+@triton.jit
+def _up2x_taps(i, n):
+    """The four fine positions (clamped to ``[0, 2n)``) whose 2× linear upsampling reads coarse position ``i`` with
+    weights 0.25, 0.75, 0.75, 0.25 (``align_corners=False``; the end outputs copy the end inputs, i.e. the clamped
+    taps add up to weight 1)."""
+    return (tl.maximum(2 * i - 1, 0), 2 * i, 2 * i + 1, tl.minimum(2 * i + 2, 2 * n - 1))
+
+
+@triton.jit
+def _up2x_row(acc, g_row, y_row, c0, c1, c2, c3, m, wt, RELU: tl.constexpr):
+    """acc + wt · Σ_x w_x · g[row, c_x] (ReLU: where the forward's output ``y`` is positive) over the 4 column taps."""
+    for t in tl.static_range(4):
+        col = c0 if t == 0 else (c1 if t == 1 else (c2 if t == 2 else c3))
+        wx = 0.25 if (t == 0) | (t == 3) else 0.75
+        g = tl.load(g_row + col, mask=m, other=0.0).to(tl.float32)
+        if RELU:
+            g = tl.where(tl.load(y_row + col, mask=m, other=0.0) > 0, g, 0.0)
+        acc += (wt * wx) * g
+    return acc
+
+
+@triton.jit(do_not_specialize=["d", "h", "w"])
+def upsample2x_backward(g_ptr, y_ptr, gx_ptr, d, h, w, RELU: tl.constexpr, SD: tl.constexpr, BLOCK: tl.constexpr):
+    """The gradient of :func:`upsample2x_relu` (2× linear upsampling, ``align_corners=False``, ReLU where RELU): each
+    coarse voxel gathers the 4 (×4 ×4 with depth: SD=2) fine gradients that read it, each separable weight 0.25 or 0.75
+    (:func:`_up2x_taps`), masked by ``y > 0`` with RELU (PyTorch's ReLU gradient). Program 0: BLOCK voxels of a
+    coarse plane, 1: depth row, 2: n·C + c."""
+    pid = tl.program_id(0)
+    z = tl.program_id(1)
+    nc = tl.program_id(2).to(tl.int64)
+    q = pid * BLOCK + tl.arange(0, BLOCK)
+    m = q < h * w
+    yy = q // w
+    xx = q % w
+    H = 2 * h
+    W = 2 * w
+    D = SD * d
+    r0, r1, r2, r3 = _up2x_taps(yy, h)
+    c0, c1, c2, c3 = _up2x_taps(xx, w)
+    gb = g_ptr + nc * D * H * W
+    yb = y_ptr + nc * D * H * W
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    if SD == 2:
+        z0, z1, z2, z3 = _up2x_taps(z, d)
+    else:
+        z0, z1, z2, z3 = z, z, z, z
+    for tz in tl.static_range(4 if SD == 2 else 1):
+        zf = z0 if tz == 0 else (z1 if tz == 1 else (z2 if tz == 2 else z3))
+        wz = (0.25 if (tz == 0) | (tz == 3) else 0.75) if SD == 2 else 1.0
+        for ty in tl.static_range(4):
+            row = r0 if ty == 0 else (r1 if ty == 1 else (r2 if ty == 2 else r3))
+            wy = 0.25 if (ty == 0) | (ty == 3) else 0.75
+            off = zf.to(tl.int64) * H * W + row * W
+            acc = _up2x_row(acc, gb + off, yb + off, c0, c1, c2, c3, m, wz * wy, RELU)
+    tl.store(gx_ptr + nc * d * h * w + z * h * w + q, acc.to(gx_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["d", "h", "w", "D", "H", "W"])

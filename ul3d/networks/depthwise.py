@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["compute_dtype", "depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act",
-           "upsample_relu_pointwise", "upsample2x_relu_pointwise", "upsample2x_relu", "doubled", "gated_skip_sum",
+           "upsample_relu_pointwise", "upsample2x_relu_pointwise", "upsample2x_relu", "upsample2x_backward",
+           "upsample2x_relu_trainable", "doubled", "gated_skip_sum",
            "pack_gate", "channel_spatial_attention", "linear_upsample", "max_pool_2x", "max_pool_geometry",
            "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
@@ -146,7 +147,9 @@ def _launch_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
-    """Σ over batch and space of g · shifted x, (C, KD, KH, KW) in float32."""
+    """Σ over batch and space of g · shifted x, (C, KD, KH, KW) in float32. (A tensor-core version, products of
+    gradient rows with shifted input rows and the taps read off their diagonals, was 8× slower on an H200: 11.9 vs
+    1.5 ms over a base training step's shapes, ``benchmarks/results/depthwise_wgrad_cuda_h200_2026-12-04.json``.)"""
     n, c, d, h, wd = x.shape
     kd, kh, kw = kernel
     bd, bh, bw = _blocks((d, h, wd), 1024)
@@ -560,6 +563,65 @@ def upsample2x_relu(x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     _kernels().upsample2x_relu[grid](x.contiguous(), y, *src, RELU=bool(relu), SD=sd, BLOCK=block,
                                      num_warps=max(1, min(4, block // 32)))
     return y
+
+
+def upsample2x_backward(grad: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """The input gradient of :func:`upsample2x_relu` from its output gradient ``grad`` (``(B, C, 2d, 2h, 2w)`` or
+    ``(B, C, 2h, 2w)``) as one Triton kernel; ``y``: the forward's output where it applied ReLU (the gradient passes
+    where ``y > 0``), else None."""
+    if grad.dim() not in (4, 5) or any(s % 2 for s in grad.shape[2:]) or (y is not None and y.shape != grad.shape):
+        raise ValueError(f"upsample2x_backward: gradient {tuple(grad.shape)} is not a 2D/3D 2× upsampling's output")
+    sd = 2 if grad.dim() == 5 else 1
+    coarse = [s // 2 for s in grad.shape[2:]]
+    d, h, w = _kernel3(tuple(coarse))
+    gx = torch.empty((*grad.shape[:2], *coarse), device=grad.device, dtype=grad.dtype)
+    block = min(256, max(32, _pow2(h * w)))
+    grad = grad.contiguous()
+    _kernels().upsample2x_backward[(-(-(h * w) // block), d, grad.shape[0] * grad.shape[1])](
+        grad, y.contiguous() if y is not None else grad, gx, d, h, w, RELU=y is not None, SD=sd, BLOCK=block,
+        num_warps=max(1, min(4, block // 64)))
+    return gx
+
+
+@torch.library.custom_op("ul3d::upsample2x_relu", mutates_args=())
+def _upsample2x_op(x: torch.Tensor, relu: bool) -> torch.Tensor:
+    return upsample2x_relu(x, relu=relu)
+
+
+@_upsample2x_op.register_fake
+def _(x: torch.Tensor, relu: bool) -> torch.Tensor:
+    return x.new_empty((*x.shape[:2], *(2 * s for s in x.shape[2:])))
+
+
+@torch.library.custom_op("ul3d::upsample2x_backward", mutates_args=())
+def _upsample2x_backward_op(grad: torch.Tensor, y: torch.Tensor, relu: bool) -> torch.Tensor:
+    return upsample2x_backward(grad, y if relu else None)
+
+
+@_upsample2x_backward_op.register_fake
+def _(grad: torch.Tensor, y: torch.Tensor, relu: bool) -> torch.Tensor:
+    return grad.new_empty((*grad.shape[:2], *(s // 2 for s in grad.shape[2:])))
+
+
+def _upsample2x_setup(ctx, inputs, output) -> None:
+    ctx.relu = inputs[1]
+    ctx.save_for_backward(output if ctx.relu else None)
+
+
+def _upsample2x_grad(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return _upsample2x_backward_op(grad, grad if y is None else y, ctx.relu), None
+
+
+_upsample2x_op.register_autograd(_upsample2x_grad, setup_context=_upsample2x_setup)
+
+
+def upsample2x_relu_trainable(x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """:func:`upsample2x_relu` with a gradient (:func:`upsample2x_backward`), as a custom operator (``torch.compile``
+    keeps it whole): training's decoder upsampling + ReLU in two kernels (PyTorch's CUDA upsampling gradient scatters
+    with atomics: 0.43 ms for 2 × 16 × 96³ in an H200 training step, ``benchmarks/results/profile_cuda_h200_
+    2026-12-04_train.json``)."""
+    return _upsample2x_op(x, bool(relu))
 
 
 #: voxels of one ``gate_apply`` program of :func:`gated_skip_sum`, and whether the decoder's GAG skip merges use

@@ -43,6 +43,11 @@ def one_per_group_unsupported(conv: nn.Module) -> str | None:
     return None
 
 
+#: the spatial attention's depth-wise conv (k³, 2 channels) in training on ul3d's Triton kernels too (with
+#: ``accelerate(triton=True)``); off: PyTorch's depth-wise conv in training, ul3d's forward kernel with autograd off
+SPATIAL_TRITON_TRAINING = False
+
+
 def one_per_group_depthwise(x: torch.Tensor, conv: nn.Module, triton: bool) -> torch.Tensor:
     """The depth-wise half of :func:`one_per_group_conv`: ``w[o, i] ⋆ x[o·p + i]`` for every input channel, i.e. a
     depth-wise conv with the weights ``w.reshape(C_in, 1, k…)`` (ul3d's Triton kernels with ``triton``, where they
@@ -165,7 +170,8 @@ class SpatialAttention(nn.Module):
         desc = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
         if not torch.jit.is_scripting():  # (TorchScript skips this block)
             if self.depthwise and one_per_group_unsupported(self.conv) is None:
-                return torch.sigmoid(one_per_group_conv(desc, self.conv, triton=not torch.is_grad_enabled()))
+                triton = SPATIAL_TRITON_TRAINING or not torch.is_grad_enabled()
+                return torch.sigmoid(one_per_group_conv(desc, self.conv, triton=triton))
             if self.sliced and desc.dim() == 5 and not torch.is_grad_enabled():
                 return torch.sigmoid(self._conv3d_sliced(desc))
         return torch.sigmoid(self.conv(desc))

@@ -24,11 +24,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..depthwise import (MAX_HEAD_CHANNELS, TRITON_DTYPES, doubled, linear_upsample, max_pool_geometry,
-                         triton_available, upsample2x_relu, upsample2x_relu_pointwise, upsample_relu_pointwise)
+                         triton_available, upsample2x_relu, upsample2x_relu_pointwise, upsample2x_relu_trainable,
+                         upsample_relu_pointwise)
 
 __all__ = ["linear_source_weights", "max_pool_keeping_indices", "slab_rows", "upsample_relu_head"]
 
 _MODES = {0: "linear", 1: "bilinear", 2: "trilinear"}  # by the number of spatial axes minus one
+#: in training, a 2× upsampling (+ ReLU) with ``triton`` as :func:`~ul3d.networks.depthwise.upsample2x_relu_trainable`
+UPSAMPLE2X_TRAINING = True
 
 
 def linear_source_weights(in_size: int, out_size: int, align_corners: bool, device: torch.device,
@@ -89,12 +92,18 @@ def _tables(x: torch.Tensor, size: list[int], align_corners: bool) -> tuple[torc
 def upsample_relu(x: torch.Tensor, size: list[int], *, relu: bool = True, align_corners: bool = False,
                   triton: bool = False) -> torch.Tensor:
     """``relu(F.interpolate(x, size, mode="(bi/tri)linear", align_corners))`` (``relu=False``: no ReLU); with
-    ``triton``, autograd off and Triton running, as one kernel (:func:`~ul3d.networks.depthwise.linear_upsample`)."""
+    ``triton`` and Triton running, as one kernel (:func:`~ul3d.networks.depthwise.linear_upsample`; a 2× upsampling:
+    :func:`~ul3d.networks.depthwise.upsample2x_relu`), and in training a 2× upsampling as a kernel with a gradient
+    kernel (:func:`~ul3d.networks.depthwise.upsample2x_relu_trainable`)."""
     size = [int(s) for s in size]
-    if triton and not torch.is_grad_enabled() and triton_available(x.device) and x.dtype in TRITON_DTYPES:
+    if triton and triton_available(x.device) and x.dtype in TRITON_DTYPES:
         if doubled(x, size, align_corners):
-            return upsample2x_relu(x, relu=relu)
-        return linear_upsample(x, _tables(x, size, align_corners), size, relu=relu)
+            if not torch.is_grad_enabled():
+                return upsample2x_relu(x, relu=relu)
+            if UPSAMPLE2X_TRAINING:
+                return upsample2x_relu_trainable(x, relu=relu)
+        if not torch.is_grad_enabled():
+            return linear_upsample(x, _tables(x, size, align_corners), size, relu=relu)
     y = F.interpolate(x, size=size, mode=_MODES.get(x.dim() - 3, "trilinear"), align_corners=align_corners)
     return torch.relu(y) if relu else y
 

@@ -93,9 +93,9 @@ class DecoderStage(nn.Module):
         # ``inplace`` (``accelerate(inplace=True)``, inference): ReLU and skip sum overwrite the upsampled tensor
         # when autograd is off
         self.inplace = False
-        # ``triton`` (``accelerate(triton=True)``, inference with autograd off): upsampling and ReLU as one Triton
-        # kernel where Triton runs (:func:`~ul3d.networks.depthwise.linear_upsample`; PyTorch's CUDA upsampling is
-        # slow on the decoder's small volumes)
+        # ``triton`` (``accelerate(triton=True)``): upsampling and ReLU as one Triton kernel where Triton runs
+        # (:func:`~ul3d.networks.depthwise.linear_upsample`; PyTorch's CUDA upsampling is slow on the decoder's small
+        # volumes); in training only a 2× upsampling, with its gradient kernel (PyTorch's scatters with atomics)
         self.triton = False
 
     def forward(self, x: torch.Tensor, size: list[int], skip: Optional[torch.Tensor] = None, lean: bool = False
@@ -106,7 +106,7 @@ class DecoderStage(nn.Module):
         else:
             x = self.block(x)
         inplace = self.inplace and not torch.is_grad_enabled()
-        if self.triton and not torch.is_grad_enabled() and not torch.jit.is_scripting():
+        if self.triton and not torch.jit.is_scripting():  # (in training: a 2× upsampling's kernels)
             x = upsample_relu(x, size, relu=self.upsample_relu, align_corners=self.align_corners, triton=True)
         else:
             x = F.interpolate(x, size=size, mode=self.mode, align_corners=self.align_corners)
