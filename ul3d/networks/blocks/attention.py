@@ -45,7 +45,9 @@ def one_per_group_unsupported(conv: nn.Module) -> str | None:
 
 #: the spatial attention's depth-wise conv (k³, 2 channels) in training on ul3d's Triton kernels too (with
 #: ``accelerate(triton=True)``); off: PyTorch's depth-wise conv in training, ul3d's forward kernel with autograd off
-SPATIAL_TRITON_TRAINING = False
+#: (H200, base training step as one CUDA graph, eager: 37.8 → 37.1 ms,
+#: ``benchmarks/results/levers_cuda_h200_2026-12-04_up2x_quick.json``)
+SPATIAL_TRITON_TRAINING = True
 
 
 def one_per_group_depthwise(x: torch.Tensor, conv: nn.Module, triton: bool) -> torch.Tensor:
