@@ -78,3 +78,85 @@ def test_decoder_stage_trains_through_the_upsampling_kernels(dims, monkeypatch):
         assert (p.grad - q.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item())
     fast(x2, [9] * dims, None)  # not a doubling: F.interpolate
     assert calls == [True]
+
+
+def _bn(dims: int, c: int) -> torch.nn.Module:
+    bn = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)[dims - 1](c).to(DEVICE)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (3, 2, 33), (2, 4, 3, 9), (1, 2, 1, 1, 3)])
+@pytest.mark.parametrize("act", ["relu6", "relu", None])
+def test_batchnorm_clamp_is_batchnorm_and_activation(shape, act):
+    """Output, running statistics over two steps, input and parameter gradients of nn.BatchNorm + activation."""
+    torch.manual_seed(0)
+    ref = _bn(len(shape) - 2, shape[1])
+    mine = copy.deepcopy(ref)
+    lohi = {"relu6": (0.0, 6.0), "relu": (0.0, float("inf")), None: (float("-inf"), float("inf"))}[act]
+    fn = {"relu6": F.relu6, "relu": F.relu, None: lambda t: t}[act]
+    for _ in range(2):
+        z = torch.randn(*shape, device=DEVICE) * 2 + 1
+        z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        a = fn(ref(z1))
+        b = dw.batchnorm_clamp(z2, mine.weight, mine.bias, mine.running_mean, mine.running_var, 0.1, ref.eps, *lohi)
+        assert (a - b).abs().max() <= 1e-5
+        if act is not None:
+            assert (a == 0).any()  # the clamp's mask enters the gradient
+        g = torch.randn_like(a)
+        a.backward(g)
+        b.backward(g)
+        assert (z1.grad - z2.grad).abs().max() <= 1e-5 * max(1.0, z1.grad.abs().max().item())
+    for name in ("running_mean", "running_var"):
+        assert (getattr(ref, name) - getattr(mine, name)).abs().max() <= 1e-6
+    for p, q in ((ref.weight, mine.weight), (ref.bias, mine.bias)):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item())
+
+
+def test_batchnorm_clamp_without_affine_or_running_stats_keeps_nan():
+    z = torch.randn(2, 3, 4, 5, device=DEVICE)
+    ref = F.batch_norm(z, None, None, training=True).clamp(0, 6)
+    assert (dw.batchnorm_clamp(z, None, None, None, None, 0.0, 1e-5, 0.0, 6.0) - ref).abs().max() <= 1e-5
+    z[0, 1, 2, 3] = float("nan")
+    out = dw.batchnorm_clamp(z, None, None, None, None, 0.0, 1e-5, 0.0, 6.0)
+    assert out[:, 1].isnan().all() and not out[:, 0].isnan().any()  # NaN spoils its channel's statistics, as in torch
+
+
+def test_batchnorm_clamp_refuses_what_it_does_not_compute():
+    with pytest.raises(ValueError, match="batchnorm_clamp"):
+        dw.batchnorm_clamp(torch.randn(4, 3, device=DEVICE), None, None, None, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="batchnorm_clamp"):
+        dw.batchnorm_clamp(torch.randn(2, 3, 4, device=DEVICE, dtype=torch.float64), None, None, None, None, 0.1, 1e-5)
+
+
+def test_batchnorm_act_uses_the_kernels_in_training_only(monkeypatch):
+    """``batchnorm_act(kernels=True)``: a MONAI conv block's training BatchNorm + ReLU6 (and a BatchNorm alone) as the
+    kernels, with num_batches_tracked counted; eval mode, other activations and BATCHNORM_KERNELS off: the modules."""
+    from monai.networks.blocks import Convolution
+
+    from ul3d.networks.blocks.multikernel import batchnorm_act
+
+    calls = []
+    real = dw.batchnorm_clamp
+    monkeypatch.setattr(dw, "batchnorm_clamp", lambda *a: calls.append(a[-2:]) or real(*a))
+    z = torch.randn(2, 4, 5, 6, device=DEVICE)
+    for act, bounds in (("relu6", (0.0, 6.0)), (None, (float("-inf"), float("inf"))), ("prelu", None)):
+        ref = Convolution(2, 4, 4, kernel_size=1, norm="batch", act=act).to(DEVICE)
+        mine = copy.deepcopy(ref)
+        calls.clear()
+        a, b = ref.adn(z), batchnorm_act(z, mine.adn, kernels=True)
+        assert calls == ([bounds] if bounds else [])
+        assert (a - b).abs().max() <= 1e-5
+        assert int(mine.adn.N.num_batches_tracked) == int(ref.adn.N.num_batches_tracked) == 1
+        mine.eval()
+        calls.clear()
+        batchnorm_act(z, mine.adn, kernels=True)
+        assert calls == []
+    block = Convolution(2, 4, 4, kernel_size=1, norm="batch", act="relu6").to(DEVICE)
+    batchnorm_act(z, block.adn, kernels=True)
+    assert len(calls) == 1
+    monkeypatch.setattr(dw, "BATCHNORM_KERNELS", False)
+    batchnorm_act(z, block.adn, kernels=True)
+    assert len(calls) == 1

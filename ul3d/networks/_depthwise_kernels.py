@@ -7,7 +7,8 @@ offset from the tile's pointers, with one mask (the output tile's bounds) shared
 import triton
 import triton.language as tl
 
-__all__ = ["cmfa_apply", "cmfa_describe", "dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward",
+__all__ = ["bn_apply", "bn_backward_apply", "bn_backward_finalize", "bn_backward_stats", "bn_finalize", "bn_stats",
+           "cmfa_apply", "cmfa_describe", "dw_forward", "dw_weight_grad", "gate_apply", "max_pool2x", "mkdc_forward",
            "mkdc_forward_grid", "pack_pair", "plane_stats", "pointwise", "stem_pooled", "upsample2x_backward", "upsample2x_relu", "upsample2x_relu_pointwise", "upsample_relu",
            "upsample_relu_pointwise"]
 
@@ -1071,3 +1072,177 @@ def gate_apply(u_ptr, s_ptr, g_ptr, wp_ptr, bp_ptr, y_ptr, S, C: tl.constexpr, G
         u = tl.load(ub + c * S + p, mask=m, other=0.0).to(tl.float32)
         v = tl.load(sb + c * S + p, mask=m, other=0.0).to(tl.float32)
         tl.store(yb + c * S + p, (u + v * psi).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _min_nan(a, b):
+    """min that propagates NaN, as ``torch.clamp``."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit(do_not_specialize=["C", "S", "CH", "NCH"])
+def bn_stats(z_ptr, part_ptr, C, S, CH, NCH, BLOCK: tl.constexpr):
+    """Per plane ``nc`` (program 1) and chunk ``k`` of CH voxels (program 0): ``Σ (z − K_c)`` and ``Σ (z − K_c)²`` in
+    float32 at ``part[nc, k]``, with the shift ``K_c = z[0, c, 0]`` (sums of squares around a value of the data lose
+    less to cancellation than around 0)."""
+    k = tl.program_id(0)
+    nc = tl.program_id(1).to(tl.int64)
+    shift = tl.load(z_ptr + (nc % C) * S).to(tl.float32)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    end = tl.minimum(k * CH + CH, S)
+    for start in range(k * CH, end, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        m = o < end
+        v = tl.load(z_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32)
+        v = tl.where(m, v - shift, 0.0)
+        s1 += v
+        s2 += v * v
+    out = part_ptr + (nc * NCH + k) * 2
+    tl.store(out, tl.sum(s1, axis=0))
+    tl.store(out + 1, tl.sum(s2, axis=0))
+
+
+@triton.jit(do_not_specialize=["C", "N", "NCH", "S"])
+def bn_finalize(part_ptr, z_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, par_ptr, C, N, NCH, S, momentum, eps,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, TRACK: tl.constexpr, BLOCK: tl.constexpr):
+    """Channel ``c`` (program 0): batch mean and variance from :func:`bn_stats`' partial sums (combined in float64),
+    the normalisation as ``y = z·a + b`` (``a = γ/σ``, ``b = β − μ·a``) into ``par[0..3, c] = (a, b, μ, 1/σ)``, and
+    the running statistics updated as BatchNorm does (the unbiased variance, factor ``momentum``)."""
+    c = tl.program_id(0)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float64)
+    s2 = tl.zeros((BLOCK,), dtype=tl.float64)
+    total = N * NCH
+    for start in range(0, total, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < total
+        row = ((i // NCH) * C + c) * NCH + i % NCH
+        s1 += tl.load(part_ptr + row * 2, mask=m, other=0.0).to(tl.float64)
+        s2 += tl.load(part_ptr + row * 2 + 1, mask=m, other=0.0).to(tl.float64)
+    count = N.to(tl.float64) * S
+    d = tl.sum(s1, axis=0) / count
+    var = tl.maximum(tl.sum(s2, axis=0) / count - d * d, 0.0)
+    mean = tl.load(z_ptr + c.to(tl.int64) * S).to(tl.float64) + d
+    invstd = 1.0 / tl.sqrt(var + eps)
+    a = invstd
+    if HAS_W:
+        a = a * tl.load(w_ptr + c).to(tl.float64)
+    b = -mean * a
+    if HAS_B:
+        b = b + tl.load(b_ptr + c).to(tl.float64)
+    tl.store(par_ptr + c, a.to(tl.float32))
+    tl.store(par_ptr + C + c, b.to(tl.float32))
+    tl.store(par_ptr + 2 * C + c, mean.to(tl.float32))
+    tl.store(par_ptr + 3 * C + c, invstd.to(tl.float32))
+    if TRACK:
+        rm = tl.load(rm_ptr + c).to(tl.float64)
+        rv = tl.load(rv_ptr + c).to(tl.float64)
+        tl.store(rm_ptr + c, ((1.0 - momentum) * rm + momentum * mean).to(rm_ptr.dtype.element_ty))
+        tl.store(rv_ptr + c, ((1.0 - momentum) * rv + momentum * var * count / (count - 1.0)).to(rv_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _bn_clamp_mask(pre, lo, hi, LO: tl.constexpr, HI: tl.constexpr):
+    """Where the activation after the norm passes its gradient: ``lo < pre < hi`` (each bound where it exists)."""
+    keep = pre == pre
+    if LO:
+        keep = keep & (pre > lo)
+    if HI:
+        keep = keep & (pre < hi)
+    return keep
+
+
+@triton.jit(do_not_specialize=["C", "S"])
+def bn_apply(z_ptr, par_ptr, y_ptr, C, S, lo, hi, LO: tl.constexpr, HI: tl.constexpr, BLOCK: tl.constexpr):
+    """``y = clamp(z·a + b, lo, hi)`` (each bound where it exists; NaN stays NaN) over BLOCK voxels (program 0) of
+    plane ``nc`` (program 1)."""
+    nc = tl.program_id(1).to(tl.int64)
+    c = nc % C
+    a = tl.load(par_ptr + c)
+    b = tl.load(par_ptr + C + c)
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < S
+    v = tl.load(z_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32) * a + b
+    if LO:
+        v = _max_nan(v, lo)
+    if HI:
+        v = _min_nan(v, hi)
+    tl.store(y_ptr + nc * S + o, v.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["C", "S", "CH", "NCH"])
+def bn_backward_stats(z_ptr, g_ptr, par_ptr, part_ptr, C, S, CH, NCH, lo, hi, LO: tl.constexpr, HI: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Per plane and chunk (as :func:`bn_stats`): ``Σ g'`` and ``Σ g'·x̂`` with ``g'`` the output gradient where the
+    activation passes it (:func:`_bn_clamp_mask` of the recomputed ``z·a + b``) and ``x̂ = (z − μ)/σ``."""
+    k = tl.program_id(0)
+    nc = tl.program_id(1).to(tl.int64)
+    c = nc % C
+    a = tl.load(par_ptr + c)
+    b = tl.load(par_ptr + C + c)
+    mean = tl.load(par_ptr + 2 * C + c)
+    invstd = tl.load(par_ptr + 3 * C + c)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    end = tl.minimum(k * CH + CH, S)
+    for start in range(k * CH, end, BLOCK):
+        o = start + tl.arange(0, BLOCK)
+        m = o < end
+        v = tl.load(z_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32)
+        g = tl.where(_bn_clamp_mask(v * a + b, lo, hi, LO, HI) & m, g, 0.0)
+        s1 += g
+        s2 += g * ((v - mean) * invstd)
+    out = part_ptr + (nc * NCH + k) * 2
+    tl.store(out, tl.sum(s1, axis=0))
+    tl.store(out + 1, tl.sum(s2, axis=0))
+
+
+@triton.jit(do_not_specialize=["C", "N", "NCH", "S"])
+def bn_backward_finalize(part_ptr, w_ptr, par_ptr, dw_ptr, db_ptr, C, N, NCH, S, HAS_W: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Channel ``c``: ``dβ = Σ g'``, ``dγ = Σ g'·x̂`` (float32 into ``dw``/``db``) and, for the input gradient,
+    ``par[4..6, c] = (mean g', mean g'·x̂, γ/σ)``."""
+    c = tl.program_id(0)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float64)
+    s2 = tl.zeros((BLOCK,), dtype=tl.float64)
+    total = N * NCH
+    for start in range(0, total, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < total
+        row = ((i // NCH) * C + c) * NCH + i % NCH
+        s1 += tl.load(part_ptr + row * 2, mask=m, other=0.0).to(tl.float64)
+        s2 += tl.load(part_ptr + row * 2 + 1, mask=m, other=0.0).to(tl.float64)
+    sg = tl.sum(s1, axis=0)
+    sgx = tl.sum(s2, axis=0)
+    count = N.to(tl.float64) * S
+    scale = tl.load(par_ptr + 3 * C + c).to(tl.float64)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c).to(tl.float64)
+    tl.store(dw_ptr + c, sgx.to(tl.float32))
+    tl.store(db_ptr + c, sg.to(tl.float32))
+    tl.store(par_ptr + 4 * C + c, (sg / count).to(tl.float32))
+    tl.store(par_ptr + 5 * C + c, (sgx / count).to(tl.float32))
+    tl.store(par_ptr + 6 * C + c, scale.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["C", "S"])
+def bn_backward_apply(z_ptr, g_ptr, par_ptr, dz_ptr, C, S, lo, hi, LO: tl.constexpr, HI: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """``dz = (γ/σ)·(g' − mean g' − x̂·mean g'·x̂)``, BatchNorm's input gradient with batch statistics."""
+    nc = tl.program_id(1).to(tl.int64)
+    c = nc % C
+    a = tl.load(par_ptr + c)
+    b = tl.load(par_ptr + C + c)
+    mean = tl.load(par_ptr + 2 * C + c)
+    invstd = tl.load(par_ptr + 3 * C + c)
+    k1 = tl.load(par_ptr + 4 * C + c)
+    k2 = tl.load(par_ptr + 5 * C + c)
+    scale = tl.load(par_ptr + 6 * C + c)
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < S
+    v = tl.load(z_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32)
+    g = tl.where(_bn_clamp_mask(v * a + b, lo, hi, LO, HI), g, 0.0)
+    dz = scale * (g - k1 - (v - mean) * invstd * k2)
+    tl.store(dz_ptr + nc * S + o, dz.to(dz_ptr.dtype.element_ty), mask=m)

@@ -38,7 +38,7 @@ from torch import nn
 
 __all__ = ["compute_dtype", "depthwise_conv", "multikernel_depthwise", "pack_branches", "pointwise_act",
            "upsample_relu_pointwise", "upsample2x_relu_pointwise", "upsample2x_relu", "upsample2x_backward",
-           "upsample2x_relu_trainable", "doubled", "gated_skip_sum",
+           "upsample2x_relu_trainable", "batchnorm_clamp", "doubled", "gated_skip_sum",
            "pack_gate", "channel_spatial_attention", "linear_upsample", "max_pool_2x", "max_pool_geometry",
            "pooled_stem", "stem_unsupported", "triton_available", "unsupported_conv", "MAX_KERNEL_W", "TRITON_DTYPES"]
 
@@ -622,6 +622,93 @@ def upsample2x_relu_trainable(x: torch.Tensor, relu: bool = False) -> torch.Tens
     with atomics: 0.43 ms for 2 × 16 × 96³ in an H200 training step, ``benchmarks/results/profile_cuda_h200_
     2026-12-04_train.json``)."""
     return _upsample2x_op(x, bool(relu))
+
+
+#: voxels per block of the BatchNorm kernels, the programs their reductions aim at, and whether
+#: :func:`~ul3d.networks.blocks.multikernel.batchnorm_act` uses them in training with ``accelerate(triton=True)``
+#: outside ``torch.compile`` (PyTorch's BatchNorm kernels reduce each channel in one block: 8 ms for the backward of
+#: four 2 × 2 × 96³ BatchNorms in an H200 training step, ``benchmarks/results/profile_cuda_h200_2026-12-04_train.json``)
+BN_BLOCK, BN_PROGRAMS, BATCHNORM_KERNELS = 1024, 2048, True
+
+
+def _bn_chunks(n: int, c: int, s: int) -> tuple[int, int]:
+    """(voxels per chunk, chunks per plane) of the BatchNorm reductions: about BN_PROGRAMS programs in all."""
+    blocks = -(-s // BN_BLOCK)
+    chunks = max(1, min(blocks, -(-BN_PROGRAMS // (n * c))))
+    per = -(-blocks // chunks) * BN_BLOCK
+    return per, -(-s // per)
+
+
+def _bn_bounds(lo: float, hi: float) -> dict:
+    return {"LO": lo != float("-inf"), "HI": hi != float("inf")}
+
+
+class _BatchNormClampKernels(torch.autograd.Function):
+    """:func:`batchnorm_clamp` with batch statistics: three Triton kernels forward (partial sums, per-channel
+    statistics and running-statistics update, normalise + clamp), three backward; keeps ``z`` and seven per-channel
+    values for backward (the clamp mask is recomputed by the same formula)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, running_mean, running_var, momentum, eps, lo, hi):
+        z = z.contiguous()
+        n, c = z.shape[:2]
+        s = z[0, 0].numel()
+        per, chunks = _bn_chunks(n, c, s)
+        part = torch.empty((n * c * chunks, 2), device=z.device, dtype=torch.float32)
+        par = torch.empty((7, c), device=z.device, dtype=torch.float32)
+        k = _kernels()
+        k.bn_stats[(chunks, n * c)](z, part, c, s, per, chunks, BLOCK=BN_BLOCK, num_warps=4)
+        track = running_mean is not None
+        k.bn_finalize[(c,)](part, z, weight if weight is not None else par, bias if bias is not None else par,
+                            running_mean if track else par, running_var if track else par, par, c, n, chunks, s,
+                            float(momentum), float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
+                            TRACK=track, BLOCK=128, num_warps=4)
+        y = torch.empty_like(z)
+        bounds = _bn_bounds(lo, hi)
+        k.bn_apply[(-(-s // BN_BLOCK), n * c)](z, par, y, c, s, float(lo), float(hi), **bounds, BLOCK=BN_BLOCK,
+                                                num_warps=4)
+        ctx.save_for_backward(z, weight, par)
+        ctx.lo, ctx.hi, ctx.has_bias = lo, hi, bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        z, weight, par = ctx.saved_tensors
+        grad = grad.contiguous()
+        n, c = z.shape[:2]
+        s = z[0, 0].numel()
+        per, chunks = _bn_chunks(n, c, s)
+        part = torch.empty((n * c * chunks, 2), device=z.device, dtype=torch.float32)
+        bounds = _bn_bounds(ctx.lo, ctx.hi)
+        k = _kernels()
+        k.bn_backward_stats[(chunks, n * c)](z, grad, par, part, c, s, per, chunks, float(ctx.lo), float(ctx.hi),
+                                             **bounds, BLOCK=BN_BLOCK, num_warps=4)
+        dwb = torch.empty((2, c), device=z.device, dtype=torch.float32)
+        par = par.clone()  # (a second backward through a retained graph reads the forward's values)
+        k.bn_backward_finalize[(c,)](part, weight if weight is not None else par, par, dwb[0], dwb[1], c, n, chunks,
+                                     s, HAS_W=weight is not None, BLOCK=128, num_warps=4)
+        dz = torch.empty_like(z)
+        k.bn_backward_apply[(-(-s // BN_BLOCK), n * c)](z, grad, par, dz, c, s, float(ctx.lo), float(ctx.hi),
+                                                         **bounds, BLOCK=BN_BLOCK, num_warps=4)
+        dw = dwb[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = dwb[1].to(dz.dtype if weight is None else weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] \
+            else None
+        return dz, dw, db, None, None, None, None, None, None
+
+
+def batchnorm_clamp(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, momentum: float, eps: float,
+                    lo: float = float("-inf"), hi: float = float("inf")) -> torch.Tensor:
+    """``clamp(batch_norm(z, training=True), lo, hi)``: BatchNorm with the batch's statistics (updating the running
+    ones in place with factor ``momentum``, as ``nn.BatchNorm`` does, where they are given) and an optional clamp
+    (ReLU: ``lo=0``; ReLU6: ``0, 6``; none: ±inf), with its gradient, as Triton kernels whose reductions split every
+    channel into chunks. ``z``: ``(B, C, *S)`` float32/bfloat16/float16 on a device with Triton; the output in z's
+    dtype (as BatchNorm's under autocast); statistics in float32, combined in float64."""
+    if z.dim() < 3 or not triton_available(z.device) or z.dtype not in TRITON_DTYPES:
+        raise ValueError(f"batchnorm_clamp: input {tuple(z.shape)} {z.dtype} on {z.device} is not a (B, C, *S) "
+                         "tensor the Triton kernels compute")
+    return _BatchNormClampKernels.apply(z, weight, bias, running_mean, running_var, momentum, eps, lo, hi)
 
 
 #: voxels of one ``gate_apply`` program of :func:`gated_skip_sum`, and whether the decoder's GAG skip merges use

@@ -17,6 +17,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import depthwise as _dw
 from ..depthwise import (MAX_BRANCHES, TRITON_DTYPES, compute_dtype, depthwise_conv, max_pool_2x, max_pool_geometry,
                          multikernel_depthwise, pack_branches, pointwise_act, pooled_stem, stem_unsupported,
                          triton_available, unsupported_conv)
@@ -115,11 +116,14 @@ def conv_act(x: torch.Tensor, conv: nn.Module, adn: nn.Module | None, weight: to
     return y if adn is None else adn(y)
 
 
-def _pointwise_block(block: nn.Module, x: torch.Tensor, conv=pointwise_conv) -> torch.Tensor:
-    """A MONAI ``Convolution`` block (1×1 conv, then its norm/act) with the conv computed by ``conv``."""
+def _pointwise_block(block: nn.Module, x: torch.Tensor, conv=pointwise_conv, kernels: bool = False) -> torch.Tensor:
+    """A MONAI ``Convolution`` block (1×1 conv, then its norm/act) with the conv computed by ``conv``; ``kernels``: a
+    training BatchNorm (+ activation) after it as ul3d's kernels where they run (:func:`batchnorm_act`)."""
     y = conv(x, block.conv.weight, block.conv.bias)
     adn = getattr(block, "adn", None)
-    return y if adn is None else adn(y)
+    if adn is None:
+        return y
+    return batchnorm_act(y, adn, kernels=True) if kernels else adn(y)
 
 
 def _batchnorm_step(bn: nn.modules.batchnorm._BatchNorm, count: int, shape: list[int]) -> float:
@@ -255,25 +259,33 @@ class _BatchNormClampFn(torch.autograd.Function):
         return gz, gw, gb, None, None, None, None, None, None
 
 
-def batchnorm_act(z: torch.Tensor, adn: nn.Module | None) -> torch.Tensor:
+def batchnorm_act(z: torch.Tensor, adn: nn.Module | None, kernels: bool = False) -> torch.Tensor:
     """``adn(z)`` for a MONAI ``Convolution`` block's norm -> activation (``ADN`` with ``N`` then ``A``), keeping less
     for backward in training: with a BatchNorm that normalises with batch statistics and a ReLU / ReLU6 / Hardtanh,
     only ``z`` and the per-channel statistics are kept (PyTorch keeps ``z`` for the norm and the normalised tensor for
-    the activation); running statistics are updated as BatchNorm does. Anything else (and code being compiled by
-    ``torch.compile``) runs ``adn``."""
+    the activation); running statistics are updated as BatchNorm does. ``kernels`` (``accelerate(triton=True)``):
+    where Triton runs, such a BatchNorm (+ activation, or none) as ul3d's kernels
+    (:func:`~ul3d.networks.depthwise.batchnorm_clamp`, :data:`~ul3d.networks.depthwise.BATCHNORM_KERNELS`). Anything
+    else (and code being compiled by ``torch.compile``) runs ``adn``."""
     if adn is None:
         return z
     bn, act = getattr(adn, "N", None), getattr(adn, "A", None)
     rest = [name for name, m in adn.named_children() if name not in ("N", "A") and not isinstance(m, nn.Identity)]
     bounds = _clamp_range(act) if act is not None else None
+    kernels = kernels and _dw.BATCHNORM_KERNELS and _dw.triton_available(z.device) and z.dtype in _dw.TRITON_DTYPES
+    if kernels and act is None:
+        bounds = (float("-inf"), float("inf"))
     children = list(adn.children())
     if (rest or bounds is None or not _local_batchnorm(bn) or not torch.is_grad_enabled()
             or torch.compiler.is_compiling()  # the compiler's partitioner chooses what to keep
-            or not (bn.training or bn.running_mean is None) or children.index(bn) > children.index(act)):
+            or not (bn.training or bn.running_mean is None)
+            or (act is not None and children.index(bn) > children.index(act))):
         return adn(z)
     bn._check_input_dim(z)
     momentum = _batchnorm_step(bn, z.numel() // z.shape[1], list(z.shape)) if bn.training else 0.0
     stats = (bn.running_mean, bn.running_var) if bn.training and bn.track_running_stats else (None, None)
+    if kernels:
+        return _dw.batchnorm_clamp(z, bn.weight, bn.bias, *stats, momentum, bn.eps, *bounds)
     return _BatchNormClampFn.apply(z, bn.weight, bn.bias, *stats, momentum, bn.eps, *bounds)
 
 
@@ -483,7 +495,7 @@ class MKDC(nn.Module):
         for branch in self.branches:
             conv = branch.conv
             y = depthwise_conv(x, conv.weight, conv.bias) if triton else conv(x)
-            y = batchnorm_act(y, getattr(branch, "adn", None))
+            y = batchnorm_act(y, getattr(branch, "adn", None), kernels=triton)
             out = y if out is None else out + y
         return self.shuffle(out)
 
@@ -526,10 +538,7 @@ class MKDC(nn.Module):
         out = None
         for branch in self.branches:
             conv = branch.conv
-            y = depthwise_conv(x, conv.weight, conv.bias)
-            adn = getattr(branch, "adn", None)
-            if adn is not None:
-                y = adn(y)
+            y = batchnorm_act(depthwise_conv(x, conv.weight, conv.bias), getattr(branch, "adn", None), kernels=True)
             out = y if out is None else out + y
             if not self.parallel:
                 x = x + y
@@ -824,8 +833,8 @@ class MKIR(KernelPartsCache, nn.Module):
         """:meth:`forward` with the 1×1 convs of expand and shortcut as :func:`pointwise_conv` (``pointwise_matmul``,
         project too) or, for a one-channel input, as :func:`outer_product_conv` (``outer_product``)."""
         conv = pointwise_conv if self.pointwise_matmul else outer_product_conv
-        h = self.mkdc(_pointwise_block(self.expand, x, conv))
-        out = _pointwise_block(self.project, h) if self.pointwise_matmul else self.project(h)
+        h = self.mkdc(_pointwise_block(self.expand, x, conv, kernels=self.triton))
+        out = _pointwise_block(self.project, h, kernels=self.triton) if self.pointwise_matmul else self.project(h)
         if self.residual:
             sc = self.shortcut
             out = accumulate(out, conv(x, sc.weight, sc.bias) if isinstance(sc, nn.modules.conv._ConvNd) else x,
