@@ -26,8 +26,8 @@ without them; ``nocmfa`` inference: the CMFA
 blocks as their modules, not ``channel_spatial_attention``'s kernels (``CMFA_KERNELS``); ``noup2x`` training: the
 decoder's 2× upsampling + ReLU as PyTorch's ops, not ``upsample2x_relu_trainable``'s kernels; ``nosatriton``
 training: the spatial attention's 7³ conv as PyTorch's depth-wise conv, not ul3d's Triton kernels
-(``SPATIAL_TRITON_TRAINING``); ``nobnk`` training outside ``torch.compile``: BatchNorm (+ ReLU6) as PyTorch's
-kernels, not ``batchnorm_clamp``'s (``BATCHNORM_KERNELS``); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
+(``SPATIAL_TRITON_TRAINING``); ``bnk`` / ``nobnk`` training outside ``torch.compile``: BatchNorm (+ ReLU6) as
+``batchnorm_clamp``'s kernels / as PyTorch's (``BATCHNORM_KERNELS``, off by default); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
 network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
@@ -70,7 +70,7 @@ UNET_LEVERS = ["plain", "cl", "compile", "cudnnbench", "compile+cudnnbench", "cu
                "stepgraph", "compile+stepgraph", "foldbn+graph+half"]  # levers that apply to MONAI's UNet (no MKDC)
 TOKENS = {"plain", "cl", "fused", "pad1", "recompute", "foldbn", "compile", "maxautotune", "cudagraphs", "ort", "threads1",
           "cudnnbench", "fp32dw", "triton", "pwmm", "outer", "inplace", "bf16", "graph", "ckpt", "membudget", "merge",
-          "stepgraph", "half", "gate", "nogate", "nocmfa", "noup2x", "nosatriton", "nobnk"}
+          "stepgraph", "half", "gate", "nogate", "nocmfa", "noup2x", "nosatriton", "nobnk", "bnk"}
 INFERENCE_ONLY = {"ort", "graph", "half", "gate", "nogate", "nocmfa"}  # levers with no training row
 MEMORY_BUDGET = 0.5  # ``membudget``: torch._functorch.config.activation_memory_budget
 BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H800", 3.35e12),
@@ -314,8 +314,8 @@ def _padded(net, batch: int):
 def _kernel_switches(toks: set[str]):
     """``ul3d.networks.depthwise.GATE_KERNEL`` on for the ``gate`` lever (the default), off for ``nogate``;
     ``CMFA_KERNELS`` off for ``nocmfa``; training: ``ul3d.networks.nets._lean.UPSAMPLE2X_TRAINING`` off for ``noup2x``,
-    ``ul3d.networks.blocks.attention.SPATIAL_TRITON_TRAINING`` off for ``nosatriton``, ``BATCHNORM_KERNELS`` off for
-    ``nobnk``; all restored afterwards."""
+    ``ul3d.networks.blocks.attention.SPATIAL_TRITON_TRAINING`` off for ``nosatriton``, ``BATCHNORM_KERNELS`` on for
+    ``bnk``, off for ``nobnk``; all restored afterwards."""
     from ul3d.networks import depthwise as dwmod
 
     from ul3d.networks.blocks import attention
@@ -327,7 +327,7 @@ def _kernel_switches(toks: set[str]):
     dwmod.CMFA_KERNELS = saved[1] and "nocmfa" not in toks
     _lean.UPSAMPLE2X_TRAINING = saved[2] and "noup2x" not in toks
     attention.SPATIAL_TRITON_TRAINING = saved[3] and "nosatriton" not in toks
-    dwmod.BATCHNORM_KERNELS = saved[4] and "nobnk" not in toks
+    dwmod.BATCHNORM_KERNELS = (saved[4] or "bnk" in toks) and "nobnk" not in toks
     try:
         yield
     finally:

@@ -124,9 +124,15 @@ def _same_step(ref, fast, x):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("train", [True, False])
-def test_triton_mkdc_is_the_same_function(dims, train):
-    """MKIR (expand -> MKDC(1, 3, 5) -> project, with shortcut): output, gradients and BatchNorm running statistics."""
+@pytest.mark.parametrize("train,bn_kernels", [(True, False), (True, True), (False, False)])
+def test_triton_mkdc_is_the_same_function(dims, train, bn_kernels, no_tf32, monkeypatch):
+    """MKIR (expand -> MKDC(1, 3, 5) -> project, with shortcut): output, gradients and BatchNorm running statistics;
+    with ``BATCHNORM_KERNELS`` the training BatchNorms of the MKDC branches as ul3d's kernels."""
+    from ul3d.networks import depthwise as dwmod
+
+    monkeypatch.setattr(dwmod, "BATCHNORM_KERNELS", bn_kernels)
+    calls, real = [], dwmod.batchnorm_clamp
+    monkeypatch.setattr(dwmod, "batchnorm_clamp", lambda *a: calls.append(1) or real(*a))
     ref = MKIR(dims, 2, 3, kernels=(1, 3, 5)).to(DEVICE)
     fast = accelerate(copy.deepcopy(ref), triton=True)
     assert fast.mkdc.triton and fast.mkdc.triton_unsupported() is None
@@ -140,6 +146,7 @@ def test_triton_mkdc_is_the_same_function(dims, train):
     for (name, p), q in zip(ref.named_buffers(), fast.buffers()):
         assert torch.allclose(p.float(), q.float(), atol=1e-5), name
     assert ref.state_dict().keys() == fast.state_dict().keys()
+    assert len(calls) == (6 if bn_kernels and train else 0)  # the three branches' BatchNorms, two steps
 
 
 def test_triton_mkdc_falls_back_where_it_does_not_apply():

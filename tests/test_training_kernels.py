@@ -1,5 +1,6 @@
 """Training kernels of ``accelerate(triton=True)`` (issue 7): the decoder's 2× upsampling + ReLU with its gradient
-kernel computes ``F.interpolate`` + ReLU and their gradient. Without CUDA the kernels run in Triton's interpreter
+kernel computes ``F.interpolate`` + ReLU and their gradient; the BatchNorm (+ clamp) kernels compute BatchNorm with
+batch statistics, its running statistics and gradients. Without CUDA the kernels run in Triton's interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
 import copy
@@ -132,8 +133,9 @@ def test_batchnorm_clamp_refuses_what_it_does_not_compute():
 
 
 def test_batchnorm_act_uses_the_kernels_in_training_only(monkeypatch):
-    """``batchnorm_act(kernels=True)``: a MONAI conv block's training BatchNorm + ReLU6 (and a BatchNorm alone) as the
-    kernels, with num_batches_tracked counted; eval mode, other activations and BATCHNORM_KERNELS off: the modules."""
+    """``batchnorm_act(kernels=True)`` with ``BATCHNORM_KERNELS`` (off by default): a MONAI conv block's training
+    BatchNorm + ReLU6 (and a BatchNorm alone) as the kernels, with num_batches_tracked counted; eval mode, other
+    activations and BATCHNORM_KERNELS off: the modules."""
     from monai.networks.blocks import Convolution
 
     from ul3d.networks.blocks.multikernel import batchnorm_act
@@ -141,6 +143,7 @@ def test_batchnorm_act_uses_the_kernels_in_training_only(monkeypatch):
     calls = []
     real = dw.batchnorm_clamp
     monkeypatch.setattr(dw, "batchnorm_clamp", lambda *a: calls.append(a[-2:]) or real(*a))
+    monkeypatch.setattr(dw, "BATCHNORM_KERNELS", True)
     z = torch.randn(2, 4, 5, 6, device=DEVICE)
     for act, bounds in (("relu6", (0.0, 6.0)), (None, (float("-inf"), float("inf"))), ("prelu", None)):
         ref = Convolution(2, 4, 4, kernel_size=1, norm="batch", act=act).to(DEVICE)

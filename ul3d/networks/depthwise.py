@@ -624,11 +624,16 @@ def upsample2x_relu_trainable(x: torch.Tensor, relu: bool = False) -> torch.Tens
     return _upsample2x_op(x, bool(relu))
 
 
-#: voxels per block of the BatchNorm kernels, the programs their reductions aim at, and whether
-#: :func:`~ul3d.networks.blocks.multikernel.batchnorm_act` uses them in training with ``accelerate(triton=True)``
-#: outside ``torch.compile`` (PyTorch's BatchNorm kernels reduce each channel in one block: 8 ms for the backward of
-#: four 2 × 2 × 96³ BatchNorms in an H200 training step, ``benchmarks/results/profile_cuda_h200_2026-12-04_train.json``)
-BN_BLOCK, BN_PROGRAMS, BATCHNORM_KERNELS = 1024, 2048, True
+#: voxels per block of the BatchNorm kernels, the programs their reductions aim at, and whether the MKDC branches and
+#: MKIR 1×1 blocks use them in training with ``accelerate(triton=True)`` outside ``torch.compile``
+#: (:func:`~ul3d.networks.blocks.multikernel.batchnorm_act`). PyTorch's BatchNorm kernels reduce each channel in one
+#: block: 8 ms for the backward of four 2 × 2 × 96³ BatchNorms in an H200 training step
+#: (``benchmarks/results/profile_cuda_h200_2026-12-04_train.json``); with these kernels the eager base step as one CUDA
+#: graph took 15.1 instead of 45.4 ms (``levers_cuda_h200_2026-12-04_bnk_quick.json``). Off by default until a CUDA
+#: discrepancy is understood: ``tests/test_depthwise.py::test_triton_mkdc_is_the_same_function[True-3]`` found the
+#: expand conv's weight gradient 3.8e-4 (relative) from the plain MKIR's on an H200, in one hidden channel (the
+#: reference then ran cuDNN's TF32 convs; in Triton's interpreter the kernels are as close to float64 as PyTorch's)
+BN_BLOCK, BN_PROGRAMS, BATCHNORM_KERNELS = 1024, 2048, False
 
 
 def _bn_chunks(n: int, c: int, s: int) -> tuple[int, int]:

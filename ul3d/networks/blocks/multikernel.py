@@ -123,7 +123,7 @@ def _pointwise_block(block: nn.Module, x: torch.Tensor, conv=pointwise_conv, ker
     adn = getattr(block, "adn", None)
     if adn is None:
         return y
-    return batchnorm_act(y, adn, kernels=True) if kernels else adn(y)
+    return _norm_act(y, adn) if kernels else adn(y)
 
 
 def _batchnorm_step(bn: nn.modules.batchnorm._BatchNorm, count: int, shape: list[int]) -> float:
@@ -287,6 +287,14 @@ def batchnorm_act(z: torch.Tensor, adn: nn.Module | None, kernels: bool = False)
     if kernels:
         return _dw.batchnorm_clamp(z, bn.weight, bn.bias, *stats, momentum, bn.eps, *bounds)
     return _BatchNormClampFn.apply(z, bn.weight, bn.bias, *stats, momentum, bn.eps, *bounds)
+
+
+def _norm_act(z: torch.Tensor, adn: nn.Module | None) -> torch.Tensor:
+    """``adn(z)``; with :data:`~ul3d.networks.depthwise.BATCHNORM_KERNELS` on, a training BatchNorm (+ ReLU/ReLU6, or
+    none) as ul3d's kernels where they run (:func:`batchnorm_act` with ``kernels``)."""
+    if adn is None:
+        return z
+    return batchnorm_act(z, adn, kernels=True) if _dw.BATCHNORM_KERNELS else adn(z)
 
 
 def _tensors(parts) -> list[torch.Tensor]:
@@ -538,7 +546,7 @@ class MKDC(nn.Module):
         out = None
         for branch in self.branches:
             conv = branch.conv
-            y = batchnorm_act(depthwise_conv(x, conv.weight, conv.bias), getattr(branch, "adn", None), kernels=True)
+            y = _norm_act(depthwise_conv(x, conv.weight, conv.bias), getattr(branch, "adn", None))
             out = y if out is None else out + y
             if not self.parallel:
                 x = x + y
