@@ -1103,13 +1103,10 @@ def bn_stats(z_ptr, part_ptr, C, S, CH, NCH, BLOCK: tl.constexpr):
     tl.store(out + 1, tl.sum(s2, axis=0))
 
 
-@triton.jit(do_not_specialize=["C", "N", "NCH", "S"])
-def bn_finalize(part_ptr, z_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, par_ptr, C, N, NCH, S, momentum, eps,
-                HAS_W: tl.constexpr, HAS_B: tl.constexpr, TRACK: tl.constexpr, BLOCK: tl.constexpr):
-    """Channel ``c`` (program 0): batch mean and variance from :func:`bn_stats`' partial sums (combined in float64),
-    the normalisation as ``y = z·a + b`` (``a = γ/σ``, ``b = β − μ·a``) into ``par[0..3, c] = (a, b, μ, 1/σ)``, and
-    the running statistics updated as BatchNorm does (the unbiased variance, factor ``momentum``)."""
-    c = tl.program_id(0)
+@triton.jit
+def _channel_sums(part_ptr, c, C, N, NCH, BLOCK: tl.constexpr):
+    """Channel ``c``'s two partial sums of the (N, C, NCH, 2) ``part`` (:func:`bn_stats`, :func:`bn_backward_stats`),
+    each summed over samples and chunks in float64."""
     s1 = tl.zeros((BLOCK,), dtype=tl.float64)
     s2 = tl.zeros((BLOCK,), dtype=tl.float64)
     total = N * NCH
@@ -1119,9 +1116,20 @@ def bn_finalize(part_ptr, z_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, par_ptr, C, N, NC
         row = ((i // NCH) * C + c) * NCH + i % NCH
         s1 += tl.load(part_ptr + row * 2, mask=m, other=0.0).to(tl.float64)
         s2 += tl.load(part_ptr + row * 2 + 1, mask=m, other=0.0).to(tl.float64)
+    return tl.sum(s1, axis=0), tl.sum(s2, axis=0)
+
+
+@triton.jit(do_not_specialize=["C", "N", "NCH", "S"])
+def bn_finalize(part_ptr, z_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, par_ptr, C, N, NCH, S, momentum, eps,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, TRACK: tl.constexpr, BLOCK: tl.constexpr):
+    """Channel ``c`` (program 0): batch mean and variance from :func:`bn_stats`' partial sums (combined in float64),
+    the normalisation as ``y = z·a + b`` (``a = γ/σ``, ``b = β − μ·a``) into ``par[0..3, c] = (a, b, μ, 1/σ)``, and
+    the running statistics updated as BatchNorm does (the unbiased variance, factor ``momentum``)."""
+    c = tl.program_id(0)
+    s1, s2 = _channel_sums(part_ptr, c, C, N, NCH, BLOCK)
     count = N.to(tl.float64) * S
-    d = tl.sum(s1, axis=0) / count
-    var = tl.maximum(tl.sum(s2, axis=0) / count - d * d, 0.0)
+    d = s1 / count
+    var = tl.maximum(s2 / count - d * d, 0.0)
     mean = tl.load(z_ptr + c.to(tl.int64) * S).to(tl.float64) + d
     invstd = 1.0 / tl.sqrt(var + eps)
     a = invstd
@@ -1204,17 +1212,7 @@ def bn_backward_finalize(part_ptr, w_ptr, par_ptr, dw_ptr, db_ptr, C, N, NCH, S,
     """Channel ``c``: ``dβ = Σ g'``, ``dγ = Σ g'·x̂`` (float32 into ``dw``/``db``) and, for the input gradient,
     ``par[4..6, c] = (mean g', mean g'·x̂, γ/σ)``."""
     c = tl.program_id(0)
-    s1 = tl.zeros((BLOCK,), dtype=tl.float64)
-    s2 = tl.zeros((BLOCK,), dtype=tl.float64)
-    total = N * NCH
-    for start in range(0, total, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        m = i < total
-        row = ((i // NCH) * C + c) * NCH + i % NCH
-        s1 += tl.load(part_ptr + row * 2, mask=m, other=0.0).to(tl.float64)
-        s2 += tl.load(part_ptr + row * 2 + 1, mask=m, other=0.0).to(tl.float64)
-    sg = tl.sum(s1, axis=0)
-    sgx = tl.sum(s2, axis=0)
+    sg, sgx = _channel_sums(part_ptr, c, C, N, NCH, BLOCK)
     count = N.to(tl.float64) * S
     scale = tl.load(par_ptr + 3 * C + c).to(tl.float64)
     if HAS_W:
