@@ -24,7 +24,8 @@ def _plain(x: torch.Tensor, relu: bool) -> torch.Tensor:
     return torch.relu(y) if relu else y
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 3, 4, 5), (1, 2, 1, 1, 2), (1, 1, 2, 7, 1), (2, 2, 5, 3), (1, 1, 1, 1)])
+@pytest.mark.parametrize("shape", [(2, 3, 3, 4, 5), (1, 2, 1, 1, 2), (1, 1, 2, 7, 1), (2, 2, 5, 3), (1, 1, 1, 1),
+                                   (1, 1, 2, 17, 40)])  # the last: several programs per plane
 @pytest.mark.parametrize("relu", [True, False])
 def test_upsample2x_trainable_is_interpolate_with_its_gradient(shape, relu):
     x = torch.randn(*shape, device=DEVICE)
@@ -90,14 +91,18 @@ def _bn(dims: int, c: int) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 6, 7), (3, 2, 33), (2, 4, 3, 9), (1, 2, 1, 1, 3)])
-@pytest.mark.parametrize("act", ["relu6", "relu", None])
-def test_batchnorm_clamp_is_batchnorm_and_activation(shape, act):
+@pytest.mark.parametrize("act", ["relu6", "relu", "hardtanh", None])
+@pytest.mark.parametrize("block", [1024, 16])  # 16: several blocks per chunk and several chunks per plane
+def test_batchnorm_clamp_is_batchnorm_and_activation(shape, act, block, monkeypatch):
     """Output, running statistics over two steps, input and parameter gradients of nn.BatchNorm + activation."""
+    monkeypatch.setattr(dw, "BN_BLOCK", block)
+    monkeypatch.setattr(dw, "BN_PROGRAMS", 8)
     torch.manual_seed(0)
     ref = _bn(len(shape) - 2, shape[1])
     mine = copy.deepcopy(ref)
-    lohi = {"relu6": (0.0, 6.0), "relu": (0.0, float("inf")), None: (float("-inf"), float("inf"))}[act]
-    fn = {"relu6": F.relu6, "relu": F.relu, None: lambda t: t}[act]
+    lohi = {"relu6": (0.0, 6.0), "relu": (0.0, float("inf")), "hardtanh": (-0.5, 0.5),
+            None: (float("-inf"), float("inf"))}[act]
+    fn = {"relu6": F.relu6, "relu": F.relu, "hardtanh": lambda t: F.hardtanh(t, -0.5, 0.5), None: lambda t: t}[act]
     for _ in range(2):
         z = torch.randn(*shape, device=DEVICE) * 2 + 1
         z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
@@ -105,7 +110,9 @@ def test_batchnorm_clamp_is_batchnorm_and_activation(shape, act):
         b = dw.batchnorm_clamp(z2, mine.weight, mine.bias, mine.running_mean, mine.running_var, 0.1, ref.eps, *lohi)
         assert (a - b).abs().max() <= 1e-5
         if act is not None:
-            assert (a == 0).any()  # the clamp's mask enters the gradient
+            assert (a == lohi[0]).any()  # the clamp's mask enters the gradient
+        if act == "hardtanh":
+            assert (a == lohi[1]).any()
         g = torch.randn_like(a)
         a.backward(g)
         b.backward(g)
@@ -114,6 +121,22 @@ def test_batchnorm_clamp_is_batchnorm_and_activation(shape, act):
         assert (getattr(ref, name) - getattr(mine, name)).abs().max() <= 1e-6
     for p, q in ((ref.weight, mine.weight), (ref.bias, mine.bias)):
         assert (p.grad - q.grad).abs().max() <= 1e-5 * max(1.0, p.grad.abs().max().item())
+
+
+def test_batchnorm_clamp_statistics_far_from_zero(monkeypatch):
+    """Values around 1000 with spread 1 (and one outlier in the first voxel): mean and variance as float64 gives them
+    (chunk means and squared deviations, no sums of squares around 0)."""
+    monkeypatch.setattr(dw, "BN_BLOCK", 64)
+    z = torch.randn(2, 2, 3000, device=DEVICE) + 1000.0
+    z[0, :, 0] = 1100.0
+    rm, rv = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
+    out = dw.batchnorm_clamp(z, None, None, rm, rv, 1.0, 1e-5)
+    zd = z.double()
+    mean, var = zd.mean((0, 2)), zd.var((0, 2), unbiased=False)
+    assert (rm.double() - mean).abs().max() <= 1e-4
+    assert ((rv.double() - zd.var((0, 2))) / var).abs().max() <= 1e-5
+    ref = (zd - mean[None, :, None]) / (var[None, :, None] + 1e-5).sqrt()
+    assert (out.double() - ref).abs().max() <= 2e-3  # z itself holds float32: 6e-5 at 1000
 
 
 def test_batchnorm_clamp_without_affine_or_running_stats_keeps_nan():

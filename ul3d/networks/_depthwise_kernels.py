@@ -1080,33 +1080,38 @@ def _min_nan(a, b):
     return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
-@triton.jit(do_not_specialize=["C", "S", "CH", "NCH"])
-def bn_stats(z_ptr, part_ptr, C, S, CH, NCH, BLOCK: tl.constexpr):
-    """Per plane ``nc`` (program 1) and chunk ``k`` of CH voxels (program 0): ``Σ (z − K_c)`` and ``Σ (z − K_c)²`` in
-    float32 at ``part[nc, k]``, with the shift ``K_c = z[0, c, 0]`` (sums of squares around a value of the data lose
-    less to cancellation than around 0)."""
+@triton.jit(do_not_specialize=["S", "CH", "NCH"])
+def bn_stats(z_ptr, part_ptr, S, CH, NCH, BLOCK: tl.constexpr):
+    """Per plane ``nc`` (program 1) and chunk ``k`` of CH voxels (program 0): the chunk's mean and sum of squared
+    deviations from it (float32, at ``part[nc, k]``), each block's merged into the chunk's by Chan et al.'s formula
+    (as Welford's algorithm: no cancellation however far the values lie from 0)."""
     k = tl.program_id(0)
     nc = tl.program_id(1).to(tl.int64)
-    shift = tl.load(z_ptr + (nc % C) * S).to(tl.float32)
-    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
-    s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
     end = tl.minimum(k * CH + CH, S)
     for start in range(k * CH, end, BLOCK):
         o = start + tl.arange(0, BLOCK)
         m = o < end
         v = tl.load(z_ptr + nc * S + o, mask=m, other=0.0).to(tl.float32)
-        v = tl.where(m, v - shift, 0.0)
-        s1 += v
-        s2 += v * v
+        nb = tl.minimum(end - start, BLOCK).to(tl.float32)
+        bmean = tl.sum(v, axis=0) / nb
+        dev = tl.where(m, v - bmean, 0.0)
+        total = n + nb
+        delta = bmean - mean
+        mean += delta * (nb / total)
+        m2 += tl.sum(dev * dev, axis=0) + delta * delta * (n * nb / total)
+        n = total
     out = part_ptr + (nc * NCH + k) * 2
-    tl.store(out, tl.sum(s1, axis=0))
-    tl.store(out + 1, tl.sum(s2, axis=0))
+    tl.store(out, mean)
+    tl.store(out + 1, m2)
 
 
 @triton.jit
 def _channel_sums(part_ptr, c, C, N, NCH, BLOCK: tl.constexpr):
-    """Channel ``c``'s two partial sums of the (N, C, NCH, 2) ``part`` (:func:`bn_stats`, :func:`bn_backward_stats`),
-    each summed over samples and chunks in float64."""
+    """Channel ``c``'s two partial sums of the (N, C, NCH, 2) ``part`` of :func:`bn_backward_stats`, each summed over
+    samples and chunks in float64."""
     s1 = tl.zeros((BLOCK,), dtype=tl.float64)
     s2 = tl.zeros((BLOCK,), dtype=tl.float64)
     total = N * NCH
@@ -1119,18 +1124,31 @@ def _channel_sums(part_ptr, c, C, N, NCH, BLOCK: tl.constexpr):
     return tl.sum(s1, axis=0), tl.sum(s2, axis=0)
 
 
-@triton.jit(do_not_specialize=["C", "N", "NCH", "S"])
-def bn_finalize(part_ptr, z_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, par_ptr, C, N, NCH, S, momentum, eps,
+@triton.jit(do_not_specialize=["C", "N", "NCH", "S", "CH"])
+def bn_finalize(part_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, par_ptr, C, N, NCH, S, CH, momentum, eps,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, TRACK: tl.constexpr, BLOCK: tl.constexpr):
-    """Channel ``c`` (program 0): batch mean and variance from :func:`bn_stats`' partial sums (combined in float64),
-    the normalisation as ``y = z·a + b`` (``a = γ/σ``, ``b = β − μ·a``) into ``par[0..3, c] = (a, b, μ, 1/σ)``, and
-    the running statistics updated as BatchNorm does (the unbiased variance, factor ``momentum``)."""
+    """Channel ``c`` (program 0): batch mean and variance from :func:`bn_stats`' chunk means and squared deviations
+    (``M2 = Σ M2_k + Σ n_k μ_k² − M μ²``, in float64), the normalisation as ``y = z·a + b`` (``a = γ/σ``,
+    ``b = β − μ·a``) into ``par[0..3, c] = (a, b, μ, 1/σ)``, and the running statistics updated as BatchNorm does
+    (the unbiased variance, factor ``momentum``)."""
     c = tl.program_id(0)
-    s1, s2 = _channel_sums(part_ptr, c, C, N, NCH, BLOCK)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float64)
+    s2 = tl.zeros((BLOCK,), dtype=tl.float64)
+    s3 = tl.zeros((BLOCK,), dtype=tl.float64)
+    total = N * NCH
+    for start in range(0, total, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < total
+        k = i % NCH
+        row = ((i // NCH) * C + c) * NCH + k
+        nk = tl.where(m, tl.minimum(CH, S - k * CH), 0).to(tl.float64)
+        mk = tl.load(part_ptr + row * 2, mask=m, other=0.0).to(tl.float64)
+        s1 += nk * mk
+        s2 += nk * mk * mk
+        s3 += tl.load(part_ptr + row * 2 + 1, mask=m, other=0.0).to(tl.float64)
     count = N.to(tl.float64) * S
-    d = s1 / count
-    var = tl.maximum(s2 / count - d * d, 0.0)
-    mean = tl.load(z_ptr + c.to(tl.int64) * S).to(tl.float64) + d
+    mean = tl.sum(s1, axis=0) / count
+    var = tl.maximum((tl.sum(s3, axis=0) + tl.sum(s2, axis=0) - count * mean * mean) / count, 0.0)
     invstd = 1.0 / tl.sqrt(var + eps)
     a = invstd
     if HAS_W:

@@ -649,7 +649,7 @@ def _bn_bounds(lo: float, hi: float) -> dict:
 
 
 class _BatchNormClampKernels(torch.autograd.Function):
-    """:func:`batchnorm_clamp` with batch statistics: three Triton kernels forward (partial sums, per-channel
+    """:func:`batchnorm_clamp` with batch statistics: three Triton kernels forward (chunk statistics, per-channel
     statistics and running-statistics update, normalise + clamp), three backward; keeps ``z`` and seven per-channel
     values for backward (the clamp mask is recomputed by the same formula)."""
 
@@ -662,10 +662,10 @@ class _BatchNormClampKernels(torch.autograd.Function):
         part = torch.empty((n * c * chunks, 2), device=z.device, dtype=torch.float32)
         par = torch.empty((7, c), device=z.device, dtype=torch.float32)
         k = _kernels()
-        k.bn_stats[(chunks, n * c)](z, part, c, s, per, chunks, BLOCK=BN_BLOCK, num_warps=4)
+        k.bn_stats[(chunks, n * c)](z, part, s, per, chunks, BLOCK=BN_BLOCK, num_warps=4)
         track = running_mean is not None
-        k.bn_finalize[(c,)](part, z, weight if weight is not None else par, bias if bias is not None else par,
-                            running_mean if track else par, running_var if track else par, par, c, n, chunks, s,
+        k.bn_finalize[(c,)](part, weight if weight is not None else par, bias if bias is not None else par,
+                            running_mean if track else par, running_var if track else par, par, c, n, chunks, s, per,
                             float(momentum), float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
                             TRACK=track, BLOCK=128, num_warps=4)
         y = torch.empty_like(z)
@@ -673,7 +673,7 @@ class _BatchNormClampKernels(torch.autograd.Function):
         k.bn_apply[(-(-s // BN_BLOCK), n * c)](z, par, y, c, s, float(lo), float(hi), **bounds, BLOCK=BN_BLOCK,
                                                 num_warps=4)
         ctx.save_for_backward(z, weight, par)
-        ctx.lo, ctx.hi, ctx.has_bias = lo, hi, bias is not None
+        ctx.lo, ctx.hi, ctx.bias_dtype = lo, hi, bias.dtype if bias is not None else None
         return y
 
     @staticmethod
@@ -697,8 +697,7 @@ class _BatchNormClampKernels(torch.autograd.Function):
         k.bn_backward_apply[(-(-s // BN_BLOCK), n * c)](z, grad, par, dz, c, s, float(ctx.lo), float(ctx.hi),
                                                          **bounds, BLOCK=BN_BLOCK, num_warps=4)
         dw = dwb[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = dwb[1].to(dz.dtype if weight is None else weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] \
-            else None
+        db = dwb[1].to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dz, dw, db, None, None, None, None, None, None
 
 
@@ -709,7 +708,8 @@ def batchnorm_clamp(z: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     ones in place with factor ``momentum``, as ``nn.BatchNorm`` does, where they are given) and an optional clamp
     (ReLU: ``lo=0``; ReLU6: ``0, 6``; none: ±inf), with its gradient, as Triton kernels whose reductions split every
     channel into chunks. ``z``: ``(B, C, *S)`` float32/bfloat16/float16 on a device with Triton; the output in z's
-    dtype (as BatchNorm's under autocast); statistics in float32, combined in float64."""
+    dtype (as BatchNorm's under autocast); each chunk's mean and squared deviations in float32 (merged as Welford's
+    algorithm does), combined over chunks in float64."""
     if z.dim() < 3 or not triton_available(z.device) or z.dtype not in TRITON_DTYPES:
         raise ValueError(f"batchnorm_clamp: input {tuple(z.shape)} {z.dtype} on {z.device} is not a (B, C, *S) "
                          "tensor the Triton kernels compute")
