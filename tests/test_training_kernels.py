@@ -144,8 +144,15 @@ def test_batchnorm_clamp_without_affine_or_running_stats_keeps_nan():
     ref = F.batch_norm(z, None, None, training=True).clamp(0, 6)
     assert (dw.batchnorm_clamp(z, None, None, None, None, 0.0, 1e-5, 0.0, 6.0) - ref).abs().max() <= 1e-5
     z[0, 1, 2, 3] = float("nan")
-    out = dw.batchnorm_clamp(z, None, None, None, None, 0.0, 1e-5, 0.0, 6.0)
+    w, b = torch.ones(3, device=DEVICE, requires_grad=True), torch.zeros(3, device=DEVICE, requires_grad=True)
+    out = dw.batchnorm_clamp(z, w, b, None, None, 0.0, 1e-5, 0.0, 6.0)
     assert out[:, 1].isnan().all() and not out[:, 0].isnan().any()  # NaN spoils its channel's statistics, as in torch
+    w2, b2 = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = F.relu6(F.batch_norm(z, None, None, w2, b2, training=True))
+    g = torch.rand_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(b.grad, b2.grad, equal_nan=True)  # the NaN channel's as PyTorch's BatchNorm + ReLU6 gives it
 
 
 def test_batchnorm_clamp_refuses_what_it_does_not_compute():
