@@ -97,12 +97,10 @@ def upsample_relu(x: torch.Tensor, size: list[int], *, relu: bool = True, align_
     kernel (:func:`~ul3d.networks.depthwise.upsample2x_relu_trainable`)."""
     size = [int(s) for s in size]
     if triton and triton_available(x.device) and x.dtype in TRITON_DTYPES:
-        if doubled(x, size, align_corners):
-            if not torch.is_grad_enabled():
-                return upsample2x_relu(x, relu=relu)
-            if UPSAMPLE2X_TRAINING:
-                return upsample2x_relu_trainable(x, relu=relu)
-        if not torch.is_grad_enabled():
+        training = torch.is_grad_enabled()
+        if doubled(x, size, align_corners) and (UPSAMPLE2X_TRAINING or not training):
+            return upsample2x_relu_trainable(x, relu=relu) if training else upsample2x_relu(x, relu=relu)
+        if not training:
             return linear_upsample(x, _tables(x, size, align_corners), size, relu=relu)
     y = F.interpolate(x, size=size, mode=_MODES.get(x.dim() - 3, "trilinear"), align_corners=align_corners)
     return torch.relu(y) if relu else y
