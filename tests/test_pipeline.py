@@ -278,8 +278,6 @@ def test_cache_device_setting(tmp_path):
     result = train(cfg, data, tmp_path / "gpu", device="cuda")
     assert result.iterations == 2 and result.last_checkpoint.is_file()
     # the side-stream loader hands over the batches a plain loop over the same samples gives
-    from monai.data import list_data_collate
-
     from ul3d.data.datasets import load_dataset
     from ul3d.engine.train import SideStreamData, build_train_loader, split_cases
 
@@ -291,7 +289,7 @@ def test_cache_device_setting(tmp_path):
     plain = loader.dataset.dataset
     assert len(batches) == 6
     for b, batch in enumerate(batches):
-        expected = list_data_collate([plain[b]])
+        expected = loader.dataset.batch_collate([plain[b]])  # list_data_collate, then the batch augmentation
         for key in ("image", "label"):
             assert torch.equal(torch.as_tensor(batch[key]), torch.as_tensor(expected[key])), (b, key)
 

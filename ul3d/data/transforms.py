@@ -23,8 +23,9 @@ from monai.bundle import ConfigParser
 from monai.data import get_track_meta, set_track_meta
 
 from ..config import get
+from .batch_augment import MATRIX_KEY, OFFSET_KEY
 
-__all__ = ["metadata_tracking", "preprocessing", "train_augmentation", "preprocessing_spec", "train_augmentation_spec", "compose"]
+__all__ = ["batch_augmentation", "metadata_tracking", "preprocessing", "train_augmentation", "preprocessing_spec", "train_augmentation_spec", "compose"]
 
 #: the reader every pipeline loads with: NIfTI through nibabel, NRRD/MetaImage through SimpleITK
 READER = "$ul3d.data.io.monai_reader()"
@@ -137,10 +138,12 @@ def preprocessing(
 
 
 def train_augmentation_spec(
-    config: dict, num_classes: int | str | None = None, refs: Mapping[str, str] | None = None, device: str | None = None
+    config: dict, num_classes: int | str | None = None, refs: Mapping[str, str] | None = None, device: str | None = None,
+    batched: bool = False,
 ) -> list[dict]:
     """Config items of :func:`train_augmentation`; ``refs`` may name ``"roi_size"`` and ``"num_samples"``; ``device``:
-    where the affine augmentation builds its sampling grid (the device of the cached volumes)."""
+    where the affine augmentation builds its sampling grid (the device of the cached volumes). ``batched``: the
+    affine, flips and intensity shift only drawn per patch, applied by :func:`batch_augmentation` after collation."""
     refs = dict(refs or {})
     roi = refs.get("roi_size", [int(s) for s in get(config, "train.roi_size")])
     aug = get(config, "train.augment", {}) or {}
@@ -161,6 +164,8 @@ def train_augmentation_spec(
     else:
         raise ValueError(f"train.sampling must be 'posneg' or 'classes', got {sampling!r}")
     tfs: list[dict] = [crop]
+    if batched:
+        return tfs + _batched_draws(config, keys)
     if float(aug.get("affine_prob", 0)) > 0:
         tfs.append({"_target_": "RandAffined", "keys": keys, "mode": ["bilinear", "nearest"],
                     "prob": float(aug["affine_prob"]), "spatial_size": roi, "rotate_range": aug.get("rotate_range"),
@@ -179,11 +184,43 @@ def train_augmentation_spec(
     return tfs
 
 
-def train_augmentation(config: dict, num_classes: int | None = None, device: str | None = None) -> T.Compose:
+def _batched_draws(config: dict, keys: list[str]) -> list[dict]:
+    """Per-patch draws of :func:`train_augmentation_spec`'s affine, flips and shift (``ul3d.data.batch_augment``)."""
+    aug = get(config, "train.augment", {}) or {}
+    dims = len(get(config, "train.roi_size"))
+    tfs: list[dict] = []
+    affine, flip = float(aug.get("affine_prob", 0)), float(aug.get("flip_prob", 0))
+    if affine > 0 or flip > 0:
+        tfs.append({"_target_": "ul3d.data.batch_augment.RandAffineMatrixd", "keys": "image", "spatial_dims": dims,
+                    "prob": affine, "rotate_range": aug.get("rotate_range"), "scale_range": aug.get("scale_range"),
+                    "flip_prob": flip})
+    if float(aug.get("intensity_shift_prob", 0)) > 0:
+        tfs.append({"_target_": "ul3d.data.batch_augment.RandShiftOffsetd", "keys": "image",
+                    "offsets": float(aug["intensity_shift"]), "prob": float(aug["intensity_shift_prob"])})
+    tfs.append({"_target_": "EnsureTyped", "keys": keys, "track_meta": False})
+    drawn = [MATRIX_KEY] if affine > 0 or flip > 0 else []
+    if float(aug.get("intensity_shift_prob", 0)) > 0:
+        drawn.append(OFFSET_KEY)
+    tfs.append({"_target_": "SelectItemsd", "keys": keys + drawn})
+    return tfs
+
+
+def train_augmentation(config: dict, num_classes: int | None = None, device: str | None = None,
+                       batched: bool = False) -> T.Compose:
     """Random part of training: patch sampling then 3D UX-Net's augmentations.
 
     ``train.sampling``: ``posneg`` (default: patch centres on foreground with probability pos/(pos+neg)) or
     ``classes`` (centres drawn class by class with equal probability — small structures are seen as often as
-    large ones; needs ``num_classes``).
+    large ones; needs ``num_classes``). ``batched``: the augmentations only drawn per patch; apply
+    :func:`batch_augmentation` to the collated batch.
     """
-    return compose(train_augmentation_spec(config, num_classes, device=device))
+    return compose(train_augmentation_spec(config, num_classes, device=device, batched=batched))
+
+
+def batch_augmentation(config: dict):
+    """The batch half of ``train_augmentation(config, batched=True)``: MONAI's ``Affine`` + ``Flip`` +
+    ``ShiftIntensity`` with every patch's drawn parameters, one ``grid_sample`` per key for the batch
+    (:class:`ul3d.data.batch_augment.BatchAugment`)."""
+    from .batch_augment import BatchAugment
+
+    return BatchAugment(["image", "label"], ["bilinear", "nearest"], [int(s) for s in get(config, "train.roi_size")])

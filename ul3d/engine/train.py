@@ -39,7 +39,7 @@ from torch.utils.data import Dataset, Sampler
 from .. import __version__
 from ..config import ConfigError, get
 from ..data.datasets import DatasetSpec, cached_bytes, load_dataset
-from ..data.transforms import metadata_tracking, preprocessing, train_augmentation
+from ..data.transforms import batch_augmentation, metadata_tracking, preprocessing, train_augmentation
 from ..data.validation import validate_dataset
 from ..networks import build_network
 from ..networks.fast import InferenceCopy, accelerate
@@ -85,6 +85,21 @@ class IterationDataset(Dataset):
             return self.transform(item)
 
 
+class AugmentingCollate:
+    """``list_data_collate``, then the batch half of the training augmentation
+    (:func:`~ul3d.data.transforms.batch_augmentation`: each patch's drawn affine, flips and intensity shift applied to
+    the whole batch at once). A plain object, so loader worker processes can take it."""
+
+    def __init__(self, augment) -> None:
+        self.augment = augment
+
+    def __call__(self, items: list):
+        from monai.data import list_data_collate
+
+        batch = list_data_collate(items)
+        return self.augment(batch) if self.augment is not None else batch
+
+
 class SideStreamData:
     """Training data cached on the GPU (``data.cache_device=cuda``), sampled and augmented on its own CUDA stream.
 
@@ -95,8 +110,8 @@ class SideStreamData:
     memory is not reused before the training step has read it.
     """
 
-    def __init__(self, dataset: Dataset, device: torch.device) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, device: torch.device, collate=None) -> None:
+        self.dataset, self.batch_collate = dataset, collate or AugmentingCollate(None)
         self.stream = torch.cuda.Stream(device)
         self.consumer = torch.cuda.default_stream(device)
 
@@ -108,10 +123,8 @@ class SideStreamData:
             return self.dataset[i]
 
     def collate(self, items: list):
-        from monai.data import list_data_collate
-
         with torch.cuda.stream(self.stream):
-            batch = list_data_collate(items)
+            batch = self.batch_collate(items)
         self.stream.synchronize()
         for value in batch.values():
             if torch.is_tensor(value) and value.is_cuda:
@@ -329,15 +342,17 @@ def build_train_loader(config: dict, items: list[dict], num_classes: int, label_
         pre = Compose([*pre.transforms, EnsureTyped(keys=["image", "label"], device=device)])
     base = CacheDataset(items, pre, cache_rate=1.0 if on_gpu else cache_rate, num_workers=max(1, workers),
                         progress=False)
-    dataset = IterationDataset(base, train_augmentation(config, num_classes, device=device if on_gpu else None), seed,
-                               total * batch)
+    # each patch draws its augmentation; the batch is resampled at once after collation (AugmentingCollate)
+    dataset = IterationDataset(base, train_augmentation(config, num_classes, batched=True), seed, total * batch)
+    collate = AugmentingCollate(batch_augmentation(config))
     sampler = _RangeSampler(start * batch, total * batch)
     if on_gpu:  # CUDA tensors cannot cross process boundaries: a background thread prepares the next batch
         torch.cuda.synchronize(device)  # the cached volumes are complete before the side stream reads them
-        data = SideStreamData(dataset, device)
+        data = SideStreamData(dataset, device, collate)
         return ThreadDataLoader(data, batch_size=batch, sampler=sampler, num_workers=0, buffer_size=2,
                                 collate_fn=data.collate)
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                      collate_fn=collate)
 
 
 def train(
