@@ -27,7 +27,7 @@ blocks as their modules, not ``channel_spatial_attention``'s kernels (``CMFA_KER
 decoder's 2× upsampling + ReLU as PyTorch's ops, not ``upsample2x_relu_trainable``'s kernels; ``nosatriton``
 training: the spatial attention's 7³ conv as PyTorch's depth-wise conv, not ul3d's Triton kernels
 (``SPATIAL_TRITON_TRAINING``); ``bnk`` / ``nobnk`` training outside ``torch.compile``: BatchNorm (+ ReLU6) as
-``batchnorm_clamp``'s kernels / as PyTorch's (``BATCHNORM_KERNELS``, off by default); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
+``batchnorm_clamp``'s kernels / as PyTorch's (``BATCHNORM_KERNELS``, on by default since 2026-12-04); ``membudget`` torch.compile's activation memory budget (0.5; the partitioner recomputes cheap activations). The
 network ``null`` (a 1×1 conv, 1 → 3 channels) gives the sliding-window inferer's own cost. On CUDA each
 lever gets a training step (bf16, batch 2, 96³), its peak memory and a sliding window (256×256×128, overlap 0.5,
 bf16); on CPU a sliding window (192×192×96, overlap 0.25). Compiled levers pad the last sliding-window batch to the
