@@ -40,6 +40,9 @@ def main() -> None:
                    help="instead of training, time N batches of ul3d train's loader for each run (data pipeline alone)")
     p.add_argument("--switch-interval", type=float, default=None, metavar="S",
                    help="Python's thread switch interval (sys.setswitchinterval; default 0.005 s) during the runs")
+    p.add_argument("--warm-processes", default=None, metavar="PHASES[;PHASES]",
+                   help="the kernel warm-up's processes (ul3d.engine.warm.PROCESSES), e.g. 'train;infer' (two, the "
+                   "default) or 'train,infer' (one)")
     p.add_argument("--data", default=None, help="dataset folder: reused when it exists, else the synthetic set is "
                    "written there (default: a new temporary folder)")
     p.add_argument("--out", default=None)
@@ -49,6 +52,10 @@ def main() -> None:
     from ul3d.data.synth import write_synthetic
     from ul3d.engine.train import train
 
+    if a.warm_processes:
+        from ul3d.engine import warm
+
+        warm.PROCESSES = tuple(tuple(g.split(",")) for g in a.warm_processes.split(";"))
     if a.switch_interval is not None:
         import sys
 

@@ -396,3 +396,39 @@ def test_training_patches_without_metadata_are_the_same(tmp_path):
         assert not get_track_meta()
         raise RuntimeError("boom")
     assert get_track_meta()
+
+
+def test_kernel_warmup_starts_only_on_cuda_and_refuses_bad_settings(tmp_path):
+    """The background warm-up (ul3d.engine.warm) starts no process off CUDA; unknown phases and a bad
+    train.warm_kernels are refused before any work (running it on the CPU would put Triton's interpreter through a
+    whole training step: minutes; the CUDA test below runs it)."""
+    from ul3d.engine.train import _network_spec
+    from ul3d.engine.warm import start_kernel_warmup, stop_kernel_warmup, warm_kernels
+
+    cfg = load_config("prostate", FAST)
+    spec = _network_spec(cfg, 2, 3)
+    with pytest.raises(ValueError, match="phases must be among"):
+        warm_kernels(spec, "cpu", [16, 16, 16], 2, 2, False, phases=("train", "test"))
+    assert start_kernel_warmup(spec, torch.device("cpu"), [16, 16, 16], 2, 2, False) == []
+    stop_kernel_warmup([])
+    data = write_synthetic("msd-prostate", tmp_path / "data", n_cases=3, seed=7)
+    with pytest.raises(ValueError, match="train.warm_kernels must be true, false or auto"):
+        train(load_config("prostate", FAST + ["data.spacing=[1.2,1.2,3.6]", "train.warm_kernels=sometimes"]), data,
+              tmp_path / "bad", device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kernel_warmup_runs_the_network_on_cuda():
+    """On CUDA the warm-up runs a training step and the validation copy of the run's network in the background
+    processes it starts, which exit cleanly."""
+    from ul3d.engine.train import _network_spec
+    from ul3d.engine.warm import PROCESSES, start_kernel_warmup, stop_kernel_warmup, warm_kernels
+
+    spec = _network_spec(load_config("prostate", FAST), 2, 3)
+    warm_kernels(spec, "cuda", [32, 32, 32], 2, 2, True)
+    procs = start_kernel_warmup(spec, torch.device("cuda"), [32, 32, 32], 2, 2, True)
+    assert len(procs) == len(PROCESSES)
+    for proc in procs:
+        proc.join(timeout=600)
+    assert [proc.exitcode for proc in procs] == [0] * len(procs)
+    stop_kernel_warmup(procs)

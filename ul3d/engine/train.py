@@ -45,6 +45,7 @@ from ..networks import build_network
 from ..networks.fast import InferenceCopy, accelerate
 from ..utils import atomic_path
 from .graphed import CUDAGraphStep, conform_optimizer
+from .warm import start_kernel_warmup, stop_kernel_warmup
 
 __all__ = ["IterationDataset", "TrainResult", "train", "split_cases", "load_checkpoint", "lr_factor", "CHECKPOINT_FORMAT"]
 
@@ -412,6 +413,14 @@ def train(
     mode = _compile_mode(get(config, "train.compile_mode", "default"))
     if kernels:  # same parameters and function; the evaluator and the checkpoints see the same module
         accelerate(network, fused_mkdc=False, triton=True, pointwise_matmul=True)
+    warm_setting = get(config, "train.warm_kernels", "auto")
+    if warm_setting not in (True, False, "auto"):
+        raise ConfigError(f"train.warm_kernels must be true, false or auto, got {warm_setting!r}")
+    warmup = []
+    if kernels and warm_setting and start < total:  # compiles the kernels in the background while data is cached
+        batch_patches = int(get(config, "train.batch_size", 1)) * int(get(config, "train.num_samples", 1))
+        warmup = start_kernel_warmup(net_spec, dev, roi, batch_patches, int(get(config, "infer.sw_batch_size", 4)),
+                                     bool(get(config, "train.amp", True)))
     opt_cfg = dict(get(config, "train.optimizer") or {})
     optimizer = torch.optim.AdamW(network.parameters(), lr=float(opt_cfg.get("lr", 1e-3)),
                                   weight_decay=float(opt_cfg.get("weight_decay", 1e-5)))
@@ -558,7 +567,11 @@ def train(
              f"{f' (torch.compile, {mode})' if compiled else ''}{' with ul3d kernels' if kernels else ''}"
              f"{', each step one CUDA graph (bf16)' if graphed else ''}"
              f"{'; training data cached on the GPU' if isinstance(train_loader.dataset, SideStreamData) else ''}")
-        trainer.run()
+        try:
+            trainer.run()
+        finally:
+            stop_kernel_warmup(warmup)
+    stop_kernel_warmup(warmup)
     writer.close()
     return TrainResult(out, best_path if best_path.exists() else None, last_path, best["metric"], best["iteration"],
                        total, time.time() - t0, classes, history)
